@@ -1,0 +1,416 @@
+"""The stream processor: consume a topic, run a handler, produce, then commit.
+
+Guarantees (at-least-once, nothing lost):
+
+- Offsets are committed only up to the lowest record whose outputs are not yet acknowledged
+  by the broker (acks=all), per partition, so records may finish out of order.
+- Handlers run on an asyncio loop in a worker thread, up to ``concurrency`` at once. The main
+  thread keeps polling while they run (partitions are paused while the window is full), so a
+  handler slower than ``max.poll.interval.ms`` never makes the consumer leave its group.
+- A record that cannot be decoded or is invalid goes to the dead-letter topic with the reason;
+  other failures are retried with backoff, then dead-lettered; a :class:`TransientError`
+  (a backend that is down) is retried until it recovers, committing nothing meanwhile.
+- Duplicates (same record id, i.e. same Kafka key) seen recently are dropped and counted.
+- On partition revoke and on stop (SIGTERM, Ctrl-C) in-flight work gets ``drain_timeout_s``
+  to finish; what finished is committed, the rest is left uncommitted for the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from google.protobuf.message import Message
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from onpolicy import ids
+from onpolicy.bus.producer import Producer
+from onpolicy.messages import DeadLetter, validate
+from onpolicy.serde import RecordError, decode
+from onpolicy.settings import KafkaSettings
+from onpolicy.telemetry import Metrics
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+class TransientError(Exception):
+    """A backend is unavailable: retry the record until it recovers; never dead-letter it."""
+
+
+@dataclass(frozen=True)
+class Record(Generic[M]):
+    message: M
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Output:
+    topic: str
+    message: Message
+
+
+# Async handlers run on the processor's event loop; plain functions run in worker threads.
+Handler = Callable[[Record[M]], Awaitable[Sequence[Output]] | Sequence[Output]]
+
+
+@dataclass
+class ProcessorConfig:
+    group_id: str
+    concurrency: int = 1
+    max_attempts: int = 3
+    retry_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    commit_interval_s: float = 0.2
+    dedupe_window: int = 100_000
+    auto_offset_reset: str = "earliest"
+
+
+@dataclass
+class _Offsets:
+    """Per-partition commit positions with records finishing out of order."""
+
+    pending: dict[TopicPartition, set[int]] = field(default_factory=dict)
+    next: dict[TopicPartition, int] = field(default_factory=dict)
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        with self.lock:
+            self.pending.setdefault(tp, set()).add(offset)
+            self.next[tp] = offset + 1
+
+    def done(self, tp: TopicPartition, offset: int) -> None:
+        with self.lock:
+            self.pending.get(tp, set()).discard(offset)
+
+    def in_flight(self, tps: Sequence[TopicPartition] | None = None) -> int:
+        with self.lock:
+            keys = self.pending.keys() if tps is None else tps
+            return sum(len(self.pending.get(tp, ())) for tp in keys)
+
+    def to_commit(self, tps: Sequence[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+        with self.lock:
+            out = {}
+            for tp in self.next if tps is None else tps:
+                if tp not in self.next:
+                    continue
+                pending = self.pending.get(tp)
+                position = min(pending) if pending else self.next[tp]
+                if self.committed.get(tp) != position:
+                    out[tp] = position
+            return out
+
+    def forget(self, tps: Sequence[TopicPartition]) -> None:
+        with self.lock:
+            for tp in tps:
+                self.pending.pop(tp, None)
+                self.next.pop(tp, None)
+                self.committed.pop(tp, None)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, processor: Processor):
+        self.processor = processor
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        if revoked:  # kafka-python also calls this, empty, before the first join
+            self.processor._on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class Processor(Generic[M]):
+    """Runs ``handler`` over every record of ``source``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        kafka: KafkaSettings,
+        source: str,
+        message_type: type[M],
+        handler: Handler[M],
+        config: ProcessorConfig,
+        metrics: Metrics,
+        dead_letter_topic: str,
+        producer: Producer | None = None,
+    ):
+        self.kafka = kafka
+        self.source = source
+        self.message_type = message_type
+        self.handler = handler
+        self.config = config
+        self.dead_letter_topic = dead_letter_topic
+        self.producer = producer or Producer(kafka, client_id=config.group_id)
+        self._own_producer = producer is None
+        self._offsets = _Offsets()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._stop = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name=f"{config.group_id}-handlers", daemon=True
+        )
+        self._consumer: KafkaConsumer | None = None
+        self.kafka_connected = False
+        self.backend_ok = True
+        self.revocations = 0
+
+        self.m_consumed = metrics.counter("records_consumed_total", "Records consumed", ("topic",))
+        self.m_produced = metrics.counter("records_produced_total", "Records produced", ("topic",))
+        self.m_dead = metrics.counter(
+            "dead_letters_total", "Records sent to the dead-letter topic", ("topic", "kind")
+        )
+        self.m_dupes = metrics.counter(
+            "duplicates_dropped_total", "Records dropped as duplicates by id", ("topic",)
+        )
+        self.m_retries = metrics.counter(
+            "retries_total", "Handler retries by error kind", ("topic", "kind")
+        )
+        self.m_inflight = metrics.gauge("in_flight", "Records being processed", ("topic",))
+        self.m_seconds = metrics.histogram(
+            "handle_seconds", "Time from consume to outputs acknowledged", ("topic",)
+        )
+        self.m_lag = metrics.gauge(
+            "consumer_lag", "Records behind the end of the partition", ("topic", "partition")
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+    def run(self, install_signal_handlers: bool = True) -> None:
+        """Process until :meth:`stop` (or SIGTERM/SIGINT when installed); then drain."""
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        self._loop_thread.start()
+        consumer = self._consumer = KafkaConsumer(
+            **self.kafka.client_config(),
+            group_id=self.config.group_id,
+            client_id=self.config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=self.config.auto_offset_reset,
+            max_poll_interval_ms=self.kafka.max_poll_interval_ms,
+            session_timeout_ms=self.kafka.session_timeout_ms,
+            heartbeat_interval_ms=self.kafka.heartbeat_interval_ms,
+        )
+        consumer.subscribe([self.source], listener=_Listener(self))
+        log.info("consuming %s as group %s", self.source, self.config.group_id)
+        last_commit = last_lag = 0.0
+        try:
+            while not self._stop.is_set():
+                free = self.config.concurrency - self._offsets.in_flight()
+                self._pause_if(consumer, full=free <= 0)
+                batch = consumer.poll(timeout_ms=100, max_records=max(free, 1))
+                self.kafka_connected = consumer.bootstrap_connected()
+                for tp, records in batch.items():
+                    for raw in records:
+                        self._submit(tp, raw)
+                now = time.monotonic()
+                if now - last_commit >= self.config.commit_interval_s:
+                    self._commit(consumer)
+                    last_commit = now
+                if now - last_lag >= 5:
+                    self._update_lag(consumer)
+                    last_lag = now
+        finally:
+            self._shutdown(consumer)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.kafka_connected and self.backend_ok
+
+    def _shutdown(self, consumer: KafkaConsumer) -> None:
+        log.info("stopping: draining %d in-flight records", self._offsets.in_flight())
+        self._drain(None)
+        self._commit(consumer)
+        consumer.close(autocommit=False)
+        for task in asyncio.all_tasks(self._loop):
+            self._loop.call_soon_threadsafe(task.cancel)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=5)
+        if self._own_producer:
+            self.producer.flush(10)
+            self.producer.close()
+        log.info("stopped")
+
+    # ----------------------------------------------------------------- polling side
+    def _pause_if(self, consumer: KafkaConsumer, full: bool) -> None:
+        assigned = consumer.assignment()
+        paused = consumer.paused()
+        if full:
+            todo = [tp for tp in assigned if tp not in paused]
+            if todo:
+                consumer.pause(*todo)
+        elif paused:
+            consumer.resume(*paused)
+
+    def _submit(self, tp: TopicPartition, raw: object) -> None:
+        self._offsets.start(tp, raw.offset)  # type: ignore[attr-defined]
+        self.m_consumed.labels(self.source).inc()
+        self.m_inflight.labels(self.source).inc()
+        future = asyncio.run_coroutine_threadsafe(self._process(raw), self._loop)
+        future.add_done_callback(lambda f, tp=tp, off=raw.offset: self._finished(f, tp, off))  # type: ignore[attr-defined]
+
+    def _finished(self, future: Future[bool], tp: TopicPartition, offset: int) -> None:
+        self.m_inflight.labels(self.source).dec()
+        # Only records whose outputs are safely produced count as done; an abandoned one
+        # (cancelled at shutdown) stays pending, so its offset is never committed.
+        if not future.cancelled() and future.exception() is None and future.result():
+            self._offsets.done(tp, offset)
+
+    def _commit(self, consumer: KafkaConsumer, tps: Sequence[TopicPartition] | None = None) -> None:
+        positions = self._offsets.to_commit(tps)
+        if not positions:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()})
+            with self._offsets.lock:
+                self._offsets.committed.update(positions)
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("commit failed (records will be redelivered): %s", exc)
+
+    def _drain(self, tps: Sequence[TopicPartition] | None) -> None:
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self._offsets.in_flight(tps) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left := self._offsets.in_flight(tps):
+            log.warning("%d records unfinished after drain; they will be redelivered", left)
+
+    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        if not self._stop.is_set():  # leaving the group at shutdown is no rebalance
+            self.revocations += 1
+        if self._consumer is not None and revoked:
+            self._drain(revoked)
+            self._commit(self._consumer, revoked)
+        self._offsets.forget(revoked)
+
+    def _update_lag(self, consumer: KafkaConsumer) -> None:
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = consumer.position(tp, timeout_ms=1000)
+            except KafkaError:
+                continue
+            if position is not None:
+                self.m_lag.labels(tp.topic, str(tp.partition)).set(max(high - position, 0))
+
+    # ----------------------------------------------------------------- handler side
+    async def _process(self, raw: object) -> bool:
+        """Handle one record; True once its outputs (or its dead letter) are acknowledged."""
+        started = time.monotonic()
+        topic, partition, offset = raw.topic, raw.partition, raw.offset  # type: ignore[attr-defined]
+        try:
+            message = validate(decode(self.message_type, raw.value, raw.headers))  # type: ignore[attr-defined]
+        except RecordError as exc:
+            return await self._dead_letter(raw, exc.kind, str(exc), attempts=1)
+
+        record_key = message.id  # type: ignore[attr-defined]
+        if record_key in self._seen:
+            self.m_dupes.labels(topic).inc()
+            log.debug("dropping duplicate %s at %s[%d]@%d", record_key, topic, partition, offset)
+            return True
+
+        attempt = 0
+        backoff = self.config.retry_backoff_s
+        while True:
+            attempt += 1
+            record = Record(
+                message, topic, partition, offset, raw.key, list(raw.headers or []),  # type: ignore[attr-defined]
+                raw.timestamp, attempt,  # type: ignore[attr-defined]
+            )
+            try:
+                if inspect.iscoroutinefunction(self.handler):
+                    outputs = await self.handler(record)
+                else:  # blocking code must not stall the other records' handlers
+                    outputs = await asyncio.to_thread(self.handler, record)
+                await asyncio.gather(
+                    *(self.producer.send_async(out.topic, out.message) for out in outputs)
+                )
+                for out in outputs:
+                    self.m_produced.labels(out.topic).inc()
+                break
+            except RecordError as exc:
+                return await self._dead_letter(raw, exc.kind, str(exc), attempt)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                transient = isinstance(exc, TransientError | ConnectionError | TimeoutError)
+                kind = "transient" if transient else type(exc).__name__
+                self.m_retries.labels(topic, kind).inc()
+                if transient:
+                    self.backend_ok = False
+                elif attempt >= self.config.max_attempts:
+                    log.exception("giving up on %s after %d attempts", record_key, attempt)
+                    return await self._dead_letter(raw, "processing", repr(exc), attempt)
+                if self._stop.is_set():
+                    return False  # leave it uncommitted for the next owner
+                log.warning("attempt %d for %s failed (%s); retrying in %.1fs",
+                            attempt, record_key, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.max_backoff_s)
+        self.backend_ok = True
+        self._remember(record_key)
+        self.m_seconds.labels(topic).observe(time.monotonic() - started)
+        return True
+
+    def _remember(self, key: str) -> None:
+        self._seen[key] = None
+        if len(self._seen) > self.config.dedupe_window:
+            self._seen.popitem(last=False)
+
+    async def _dead_letter(self, raw: object, kind: str, reason: str, attempts: int) -> bool:
+        topic, partition, offset = raw.topic, raw.partition, raw.offset  # type: ignore[attr-defined]
+        letter = DeadLetter(
+            id=ids.dead_letter_id(topic, partition, offset),
+            source_topic=topic,
+            partition=partition,
+            offset=offset,
+            error_kind=kind,
+            error_message=reason,
+            attempts=attempts,
+            original_key=raw.key or b"",  # type: ignore[attr-defined]
+            original_value=raw.value or b"",  # type: ignore[attr-defined]
+            original_headers={
+                k: (v or b"").decode("utf-8", "replace") for k, v in raw.headers or []  # type: ignore[attr-defined]
+            },
+            consumer_group=self.config.group_id,
+            failed_unix_ms=int(time.time() * 1000),
+        )
+        log.warning("dead-lettering %s[%d]@%d (%s): %s", topic, partition, offset, kind, reason)
+        backoff = self.config.retry_backoff_s
+        while True:
+            try:
+                await self.producer.send_async(self.dead_letter_topic, letter)
+                break
+            except KafkaError as exc:  # the broker is down: keep the record pending meanwhile
+                if self._stop.is_set():
+                    return False
+                log.warning("dead letter not produced (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.max_backoff_s)
+        self.m_dead.labels(topic, kind).inc()
+        return True

@@ -1,0 +1,134 @@
+"""Validation and ids of the contract's messages (``proto/onpolicy/v1``).
+
+Decoding (``serde``) only checks the wire format; ``validate`` checks what the pipeline
+needs of each message and fills in ids that a publisher may leave empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from google.protobuf.message import Message
+
+from onpolicy import ids
+from onpolicy.serde import InvalidRecord
+from onpolicy.v1.messages_pb2 import (
+    ChatMessage,
+    Completion,
+    CompletionGroup,
+    DeadLetter,
+    PolicyUpdate,
+    PreferencePair,
+    Prompt,
+    SamplingParams,
+    ScoredGroup,
+    Timings,
+)
+
+__all__ = [
+    "ChatMessage",
+    "Completion",
+    "CompletionGroup",
+    "DeadLetter",
+    "PolicyUpdate",
+    "PreferencePair",
+    "Prompt",
+    "SamplingParams",
+    "ScoredGroup",
+    "Timings",
+    "record_id",
+    "validate",
+]
+
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+def _prompt(p: Prompt) -> None:
+    if p.text and p.messages:
+        raise InvalidRecord("prompt sets both text and messages; set exactly one")
+    if not p.text.strip() and not p.messages:
+        raise InvalidRecord("prompt is empty: set text or messages")
+    for i, m in enumerate(p.messages):
+        if m.role not in ROLES:
+            raise InvalidRecord(f"messages[{i}].role is {m.role!r}; expected one of {sorted(ROLES)}")
+        if not m.content.strip():
+            raise InvalidRecord(f"messages[{i}].content is empty")
+    if p.HasField("num_samples") and p.num_samples < 1:
+        raise InvalidRecord(f"num_samples must be >= 1, got {p.num_samples}")
+    s = p.sampling
+    if s.HasField("max_tokens") and s.max_tokens < 1:
+        raise InvalidRecord(f"sampling.max_tokens must be >= 1, got {s.max_tokens}")
+    if s.HasField("temperature") and s.temperature < 0:
+        raise InvalidRecord(f"sampling.temperature must be >= 0, got {s.temperature}")
+    if s.HasField("top_p") and not 0 < s.top_p <= 1:
+        raise InvalidRecord(f"sampling.top_p must be in (0, 1], got {s.top_p}")
+    if not p.id:
+        p.id = ids.prompt_id(
+            p.text,
+            [(m.role, m.content) for m in p.messages],
+            p.system_prompt if p.HasField("system_prompt") else None,
+            p.round,
+        )
+
+
+def _group(g: CompletionGroup) -> None:
+    if not g.prompt_id:
+        raise InvalidRecord("completion group has no prompt_id")
+    if not g.completions:
+        raise InvalidRecord("completion group has no completions")
+    if not g.id:
+        g.id = ids.group_id(g.prompt_id, g.policy_version)
+
+
+def _scored(s: ScoredGroup) -> None:
+    _group(s.group)
+    if len(s.scores) != len(s.group.completions):
+        raise InvalidRecord(
+            f"{len(s.scores)} scores for {len(s.group.completions)} completions"
+        )
+    if not s.id:
+        s.id = ids.scored_id(s.group.id, s.judge_id)
+
+
+def _pair(p: PreferencePair) -> None:
+    if p.chosen == p.rejected:
+        raise InvalidRecord("pair's chosen and rejected are the same text")
+    if not p.id:
+        p.id = ids.pair_id(p.prompt_id, p.policy_version, p.chosen_index, p.rejected_index,
+                           p.judge_id)
+
+
+def _policy(u: PolicyUpdate) -> None:
+    if u.version < 1:
+        raise InvalidRecord(f"policy version must be >= 1, got {u.version}")
+    if not (u.adapter_uri or u.checkpoint_uri):
+        raise InvalidRecord("policy update has neither adapter_uri nor checkpoint_uri")
+    if not u.id:
+        u.id = ids.policy_id(u.version)
+
+
+def _dead_letter(d: DeadLetter) -> None:
+    if not d.id:
+        d.id = ids.dead_letter_id(d.source_topic, d.partition, d.offset)
+
+
+_VALIDATORS: dict[str, Callable[[Message], None]] = {
+    Prompt.DESCRIPTOR.full_name: _prompt,
+    CompletionGroup.DESCRIPTOR.full_name: _group,
+    ScoredGroup.DESCRIPTOR.full_name: _scored,
+    PreferencePair.DESCRIPTOR.full_name: _pair,
+    PolicyUpdate.DESCRIPTOR.full_name: _policy,
+    DeadLetter.DESCRIPTOR.full_name: _dead_letter,
+}
+
+
+def validate(message: Message) -> Message:
+    """Check ``message`` in place (raising :class:`InvalidRecord`), fill its id, return it."""
+    _VALIDATORS[message.DESCRIPTOR.full_name](message)
+    return message
+
+
+def record_id(message: Message) -> str:
+    """The record's deterministic id, which is also its Kafka key."""
+    validate(message)
+    return message.id  # type: ignore[attr-defined]

@@ -1,0 +1,206 @@
+"""A single-node Apache Kafka broker in KRaft mode, run from the release's jars.
+
+The jars come from Maven Central through Maven (Debian ships no broker and the Apache
+download mirrors are out of reach here) and are cached under ``home/kafka-<version>/libs``;
+``KAFKA_HOME`` points at an unpacked release instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+from onpolicy.stack.process import ManagedProcess, StackError, run_checked
+from onpolicy.stack.settings import StackSettings
+
+LOG4J_VERSION = "2.25.3"
+SLF4J_VERSION = "2.0.17"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>onpolicy</groupId><artifactId>kafka-broker</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version></dependency>
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId>
+      <version>{slf4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId>
+      <version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
+      <version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """Configuration:
+  status: warn
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Root:
+      level: warn
+      AppenderRef:
+        - ref: STDOUT
+    Logger:
+      - name: kafka.server.KafkaRaftServer
+        level: info
+      - name: kafka.server.BrokerServer
+        level: info
+"""
+
+
+def ensure_kafka_jars(settings: StackSettings) -> Path:
+    """The broker's classpath folder, fetched once with Maven."""
+    if settings.kafka_home:
+        libs = settings.kafka_home / "libs"
+        if not libs.is_dir():
+            raise StackError(f"KAFKA_HOME={settings.kafka_home} has no libs/ folder")
+        return libs
+    root = settings.home / f"kafka-{settings.kafka_version}"
+    libs = root / "libs"
+    if (root / ".complete").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise StackError(
+            "the local Kafka broker needs Maven (apt-get install maven) to fetch its jars, "
+            "or KAFKA_HOME pointing at an unpacked Kafka release, or "
+            "ONPOLICY_STACK_EXTERNAL_KAFKA=true with ONPOLICY_KAFKA__BOOTSTRAP_SERVERS"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pom.xml").write_text(
+        _POM.format(kafka=settings.kafka_version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION)
+    )
+    shutil.rmtree(libs, ignore_errors=True)
+    run_checked(
+        [mvn, "-q", "-B", "-f", str(root / "pom.xml"), "dependency:copy-dependencies",
+         f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
+        f"fetching Apache Kafka {settings.kafka_version} from Maven Central",
+    )
+    # kafka_2.13 drags in slf4j 1.7 too; keep only the 2.x API that the log4j binding needs.
+    for jar in libs.glob("slf4j-api-1.*.jar"):
+        jar.unlink()
+    (root / ".complete").touch()
+    return libs
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+class KafkaBroker:
+    """Start, probe and stop the local broker; its data lives in ``state/kafka-data``."""
+
+    def __init__(self, settings: StackSettings):
+        self.settings = settings
+        self.state = settings.state
+        self.process = ManagedProcess("kafka", self.state)
+        self.data = self.state / "kafka-data"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.settings.kafka_port}"
+
+    def _write_config(self) -> Path:
+        s = self.settings
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{s.kafka_controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},"
+                         f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "5",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "group.min.session.timeout.ms": "1000",
+            "auto.create.topics.enable": "false",
+            "message.max.bytes": str(s.kafka.max_request_size),
+            "num.partitions": "1",
+        }
+        path = self.state / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.state / "log4j2.yaml").write_text(_LOG4J2)
+        return path
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise StackError("the local Kafka broker needs Java 17+ (apt-get install openjdk-17-jre)")
+        return java
+
+    def start(self, timeout: float = 60.0) -> float:
+        """Start the broker if needed and wait until it serves requests; return seconds."""
+        if self.process.running() and port_open("127.0.0.1", self.settings.kafka_port):
+            return 0.0
+        if port_open("127.0.0.1", self.settings.kafka_port):
+            raise StackError(
+                f"port {self.settings.kafka_port} is taken by another process; set "
+                "ONPOLICY_STACK_KAFKA_PORT, or ONPOLICY_STACK_EXTERNAL_KAFKA=true to use it"
+            )
+        libs = ensure_kafka_jars(self.settings)
+        java = self._java()
+        self.state.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()
+        classpath = f"{libs}/*"
+        if not (self.data / "meta.properties").exists():
+            self.data.mkdir(parents=True, exist_ok=True)
+            run_checked(
+                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
+                 "-t", _cluster_id(), "-c", str(config)],
+                "formatting the Kafka log directory",
+            )
+        self.process.start(
+            [java, f"-Xmx{self.settings.kafka_heap}", f"-Xms{self.settings.kafka_heap}",
+             "-XX:+UseG1GC", "-Djava.awt.headless=true",
+             f"-Dlog4j2.configurationFile={self.state / 'log4j2.yaml'}",
+             "-cp", classpath, "kafka.Kafka", str(config)],
+        )
+        return self.process.wait_until(self._serving, timeout, "ready")
+
+    def _serving(self) -> bool:
+        if not port_open("127.0.0.1", self.settings.kafka_port):
+            return False
+        from kafka.admin import KafkaAdminClient  # a real request, not only an open port
+
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=[self.bootstrap], request_timeout_ms=3000)
+        except Exception:
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except Exception:
+            return False
+        finally:
+            admin.close()
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout=30)
+
+    def wipe(self) -> None:
+        """Delete the broker's data (only when stopped)."""
+        if self.process.running():
+            raise StackError("stop the broker before wiping its data")
+        shutil.rmtree(self.data, ignore_errors=True)

