@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from onpolicy.bus import ensure_topics
 from onpolicy.settings import KafkaSettings, TopicSettings
 

@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--mark")
     args = parser.parse_args()
-    kafka = KafkaSettings(bootstrap_servers=os.environ["BOOTSTRAP"], session_timeout_ms=6000,
-                          heartbeat_interval_ms=500)
+    kafka = KafkaSettings(
+        bootstrap_servers=os.environ["BOOTSTRAP"],
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+    )
     topics = TopicSettings(prefix=os.environ["PREFIX"])
     producer = Producer(kafka)
     done = threading.Event()
@@ -29,8 +32,11 @@ def main() -> None:
         if args.mark:
             open(args.mark, "w").close()
         time.sleep(args.slow)
-        group = m.CompletionGroup(prompt_id=record.message.id, prompt=record.message,
-                                  completions=[m.Completion(text="echo")])
+        group = m.CompletionGroup(
+            prompt_id=record.message.id,
+            prompt=record.message,
+            completions=[m.Completion(text="echo")],
+        )
         if args.crash_after_produce:
             producer.send_sync(topics.name("completions"), group)
             os.kill(os.getpid(), signal.SIGKILL)  # dies before the offset is committed
@@ -38,11 +44,17 @@ def main() -> None:
         return [Output(topics.name("completions"), group)]
 
     processor = Processor(
-        kafka=kafka, source=topics.name("prompts"), message_type=m.Prompt, handler=handler,
+        kafka=kafka,
+        source=topics.name("prompts"),
+        message_type=m.Prompt,
+        handler=handler,
         config=ProcessorConfig(group_id=f"{topics.prefix}echo", drain_timeout_s=20),
-        metrics=Metrics("echo"), dead_letter_topic=topics.name("dlq"), producer=producer,
+        metrics=Metrics("echo"),
+        dead_letter_topic=topics.name("dlq"),
+        producer=producer,
     )
     if args.exit_when_idle:
+
         def stopper() -> None:
             done.wait(120)
             time.sleep(1)  # let the commit go out

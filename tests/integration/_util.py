@@ -10,7 +10,6 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 from kafka.admin import KafkaAdminClient
-
 from onpolicy.bus import Processor, Record, read_topic
 from onpolicy.settings import KafkaSettings
 
@@ -19,8 +18,9 @@ M = TypeVar("M", bound=Message)
 
 @contextmanager
 def running(processor: Processor) -> Iterator[Processor]:
-    thread = threading.Thread(target=processor.run, kwargs={"install_signal_handlers": False},
-                              daemon=True)
+    thread = threading.Thread(
+        target=processor.run, kwargs={"install_signal_handlers": False}, daemon=True
+    )
     thread.start()
     try:
         yield processor
@@ -30,8 +30,9 @@ def running(processor: Processor) -> Iterator[Processor]:
         assert not thread.is_alive(), "processor did not stop"
 
 
-def wait_records(kafka: KafkaSettings, topic: str, cls: type[M], n: int,
-                 timeout: float = 60.0) -> list[Record[M]]:
+def wait_records(
+    kafka: KafkaSettings, topic: str, cls: type[M], n: int, timeout: float = 60.0
+) -> list[Record[M]]:
     """All records of ``topic`` once there are at least ``n`` (fails after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from _util import committed, running, sample_value, wait_records, wait_until
 from kafka import KafkaProducer
-
 from onpolicy import messages as m
 from onpolicy.bus import (
     Output,
@@ -33,29 +32,44 @@ HERE = Path(__file__).parent
 
 def echo_group(prompt: m.Prompt) -> m.CompletionGroup:
     return m.CompletionGroup(
-        prompt_id=prompt.id, prompt=prompt,
+        prompt_id=prompt.id,
+        prompt=prompt,
         completions=[m.Completion(index=0, text=f"echo: {prompt.text}", finish_reason="stop")],
     )
 
 
 def make_processor(kafka, topics, handler, group="g", **config) -> Processor:
     return Processor(
-        kafka=kafka, source=topics.name("prompts"), message_type=m.Prompt, handler=handler,
+        kafka=kafka,
+        source=topics.name("prompts"),
+        message_type=m.Prompt,
+        handler=handler,
         config=ProcessorConfig(group_id=f"{topics.prefix}{group}", **config),
-        metrics=Metrics("test"), dead_letter_topic=topics.name("dlq"),
+        metrics=Metrics("test"),
+        dead_letter_topic=topics.name("dlq"),
     )
 
 
 TYPED_TOPICS = [
     ("prompts", m.Prompt(text="Name three colours.", metadata={"k": "v"})),
-    ("completions", m.CompletionGroup(prompt_id="p", completions=[m.Completion(text="x")],
-                                      policy_version=2)),
-    ("scored", m.ScoredGroup(group=m.CompletionGroup(prompt_id="p", completions=[
-        m.Completion(text="x")]), scores=[0.5], judge_id="j")),
+    (
+        "completions",
+        m.CompletionGroup(prompt_id="p", completions=[m.Completion(text="x")], policy_version=2),
+    ),
+    (
+        "scored",
+        m.ScoredGroup(
+            group=m.CompletionGroup(prompt_id="p", completions=[m.Completion(text="x")]),
+            scores=[0.5],
+            judge_id="j",
+        ),
+    ),
     ("pairs", m.PreferencePair(prompt_id="p", chosen="a", rejected="b", margin=1.0)),
     ("policy", m.PolicyUpdate(version=1, adapter_uri="/tmp/adapter", base_model="b")),
-    ("dlq", m.DeadLetter(source_topic="x", offset=3, error_kind="decode",
-                         original_value=b"\x00\x01")),
+    (
+        "dlq",
+        m.DeadLetter(source_topic="x", offset=3, error_kind="decode", original_value=b"\x00\x01"),
+    ),
 ]
 
 
@@ -79,8 +93,11 @@ def test_a_person_can_publish_a_plain_json_line(kafka, topics):
     raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
     raw.send(topics.name("prompts"), json.dumps({"text": "Hello there"}).encode()).get(30)
     raw.close()
-    with running(make_processor(kafka, topics, lambda r: [
-            Output(topics.name("completions"), echo_group(r.message))])):
+    with running(
+        make_processor(
+            kafka, topics, lambda r: [Output(topics.name("completions"), echo_group(r.message))]
+        )
+    ):
         [out] = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
     assert out.message.completions[0].text == "echo: Hello there"
     assert out.message.prompt_id.startswith("p-")
@@ -90,9 +107,9 @@ def test_undecodable_and_invalid_records_go_to_the_dead_letter_topic(kafka, topi
     raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
     source = topics.name("prompts")
     bad = [
-        (b"\x00garbage\xff", []),                                       # not decodable
+        (b"\x00garbage\xff", []),  # not decodable
         (b'{"text": "x", "bogusField": 1}', [("content-type", b"application/json")]),
-        (b'{"text": ""}', []),                                           # decodes, invalid
+        (b'{"text": ""}', []),  # decodes, invalid
     ]
     for value, headers in bad:
         raw.send(source, value, headers=headers, partition=0).get(30)
@@ -101,13 +118,21 @@ def test_undecodable_and_invalid_records_go_to_the_dead_letter_topic(kafka, topi
     raw.close()
 
     seen = []
-    processor = make_processor(kafka, topics, lambda r: seen.append(r.message.text) or [
-        Output(topics.name("completions"), echo_group(r.message))])
+    processor = make_processor(
+        kafka,
+        topics,
+        lambda r: (
+            seen.append(r.message.text)
+            or [Output(topics.name("completions"), echo_group(r.message))]
+        ),
+    )
     with running(processor):
         letters = wait_records(kafka, topics.name("dlq"), m.DeadLetter, 3)
         wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
-        wait_until(lambda: committed(kafka, processor.config.group_id, source).get(0) == 4,
-                   what="commit after the good record")
+        wait_until(
+            lambda: committed(kafka, processor.config.group_id, source).get(0) == 4,
+            what="commit after the good record",
+        )
     assert seen == ["still here"]
     by_offset = {d.message.offset: d.message for d in letters}
     assert by_offset[0].error_kind == "decode" and "not a JSON object" in by_offset[0].error_message
@@ -158,10 +183,19 @@ def test_oversized_record_is_a_clear_error_never_a_silent_drop(kafka, topics):
 
     # Inside a processor the input that produced it is dead-lettered with that reason.
     processor = Processor(
-        kafka=small, source=topics.name("prompts"), message_type=m.Prompt,
-        handler=lambda r: [Output(topics.name("completions"), m.CompletionGroup(
-            prompt_id=r.message.id, completions=[m.Completion(text="y" * 5000)]))],
-        config=ProcessorConfig(group_id=f"{topics.prefix}big"), metrics=Metrics("test"),
+        kafka=small,
+        source=topics.name("prompts"),
+        message_type=m.Prompt,
+        handler=lambda r: [
+            Output(
+                topics.name("completions"),
+                m.CompletionGroup(
+                    prompt_id=r.message.id, completions=[m.Completion(text="y" * 5000)]
+                ),
+            )
+        ],
+        config=ProcessorConfig(group_id=f"{topics.prefix}big"),
+        metrics=Metrics("test"),
         dead_letter_topic=topics.name("dlq"),
     )
     Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="make it big"))
@@ -184,9 +218,13 @@ def test_slow_handler_beyond_max_poll_interval_causes_no_rebalance(kafka, topics
     Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="slowly"))
     with running(processor):
         wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1, timeout=60)
-        wait_until(lambda: sum(committed(kafka, processor.config.group_id,
-                                         topics.name("prompts")).values()) == 1,
-                   what="commit")
+        wait_until(
+            lambda: (
+                sum(committed(kafka, processor.config.group_id, topics.name("prompts")).values())
+                == 1
+            ),
+            what="commit",
+        )
         time.sleep(2)  # a duplicate would show up here if the group had rebalanced
         assert processor.revocations == 0
     assert calls == ["slowly"]
@@ -216,8 +254,10 @@ def test_concurrent_handlers_commit_only_finished_prefix(kafka, topics):
         # Later records are done, but the commit may not pass the unfinished first one.
         assert committed(kafka, processor.config.group_id, topics.name("prompts")).get(0, 0) <= 0
         release.set()
-        wait_until(lambda: committed(kafka, processor.config.group_id,
-                                     topics.name("prompts")).get(0) == 3, what="commit")
+        wait_until(
+            lambda: committed(kafka, processor.config.group_id, topics.name("prompts")).get(0) == 3,
+            what="commit",
+        )
 
 
 def test_consumer_killed_between_produce_and_commit(kafka, topics, tmp_path):
@@ -239,15 +279,22 @@ def test_consumer_killed_between_produce_and_commit(kafka, topics, tmp_path):
     seen = []
     metrics = Metrics("downstream")
     downstream = Processor(
-        kafka=kafka, source=topics.name("completions"), message_type=m.CompletionGroup,
-        handler=lambda r: seen.append(r.message.id) or [], metrics=metrics,
+        kafka=kafka,
+        source=topics.name("completions"),
+        message_type=m.CompletionGroup,
+        handler=lambda r: seen.append(r.message.id) or [],
+        metrics=metrics,
         config=ProcessorConfig(group_id=f"{topics.prefix}down"),
         dead_letter_topic=topics.name("dlq"),
     )
     with running(downstream):
-        wait_until(lambda: sample_value(metrics, "duplicates_dropped_total",
-                                        topic=topics.name("completions")) == 1,
-                   what="the duplicate to be dropped")
+        wait_until(
+            lambda: (
+                sample_value(metrics, "duplicates_dropped_total", topic=topics.name("completions"))
+                == 1
+            ),
+            what="the duplicate to be dropped",
+        )
     assert len(seen) == 1
 
 

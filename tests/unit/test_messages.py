@@ -1,5 +1,4 @@
 import pytest
-
 from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.serde import InvalidRecord
@@ -45,8 +44,9 @@ def test_ids_are_stable_and_distinct():
 
 
 def test_group_scored_pair_policy_ids():
-    group = m.validate(m.CompletionGroup(prompt_id="p", policy_version=2,
-                                         completions=[m.Completion(text="a")]))
+    group = m.validate(
+        m.CompletionGroup(prompt_id="p", policy_version=2, completions=[m.Completion(text="a")])
+    )
     assert group.id == ids.group_id("p", 2)
     scored = m.validate(m.ScoredGroup(group=group, scores=[1.0], judge_id="j"))
     assert scored.id == ids.scored_id(group.id, "j")

@@ -1,5 +1,4 @@
 from kafka.structs import TopicPartition
-
 from onpolicy.bus.processor import _Offsets
 
 TP = TopicPartition("t", 0)

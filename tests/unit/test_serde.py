@@ -2,23 +2,30 @@ import json
 
 import pytest
 from google.protobuf import json_format
-
 from onpolicy import messages as m
 from onpolicy.serde import CONTENT_TYPE, DecodeError, decode, encode
 
 
 def sample_messages():
-    prompt = m.Prompt(id="p1", messages=[m.ChatMessage(role="user", content="Hi")],
-                      metadata={"src": "unit"})
+    prompt = m.Prompt(
+        id="p1", messages=[m.ChatMessage(role="user", content="Hi")], metadata={"src": "unit"}
+    )
     prompt.sampling.temperature = 0.7
     group = m.CompletionGroup(
-        id="g1", prompt_id="p1", prompt=prompt, policy_version=3, model="base",
-        completions=[m.Completion(index=0, text="a", num_tokens=1, finish_reason="stop"),
-                     m.Completion(index=1, text="bb", num_tokens=2, finish_reason="length")],
+        id="g1",
+        prompt_id="p1",
+        prompt=prompt,
+        policy_version=3,
+        model="base",
+        completions=[
+            m.Completion(index=0, text="a", num_tokens=1, finish_reason="stop"),
+            m.Completion(index=1, text="bb", num_tokens=2, finish_reason="length"),
+        ],
     )
     scored = m.ScoredGroup(id="s1", group=group, scores=[1.0, 0.5], judge_id="len")
-    pair = m.PreferencePair(id="x", prompt_id="p1", chosen="a", rejected="bb", margin=0.5,
-                            policy_version=3)
+    pair = m.PreferencePair(
+        id="x", prompt_id="p1", chosen="a", rejected="bb", margin=0.5, policy_version=3
+    )
     update = m.PolicyUpdate(id="policy-v1", version=1, adapter_uri="/tmp/a", base_model="b")
     update.metrics.update({"loss": 0.5})
     letter = m.DeadLetter(id="d", source_topic="t", offset=4, original_value=b"\x00\xff")

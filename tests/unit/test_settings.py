@@ -1,5 +1,4 @@
 import pytest
-
 from onpolicy.settings import ConfigError, ServiceSettings, load_settings
 
 
@@ -16,8 +15,10 @@ def test_defaults():
 
 def test_service_env_beats_shared_env_beats_yaml(monkeypatch, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("kafka:\n  bootstrap_servers: yaml:1\ntopics:\n  prefix: y.\n"
-                   "demo:\n  concurrency: 7\nother:\n  concurrency: 99\n")
+    cfg.write_text(
+        "kafka:\n  bootstrap_servers: yaml:1\ntopics:\n  prefix: y.\n"
+        "demo:\n  concurrency: 7\nother:\n  concurrency: 99\n"
+    )
     s = load_settings(DemoSettings, config_file=cfg)
     assert (s.kafka.bootstrap_servers, s.topics.prefix, s.concurrency) == ("yaml:1", "y.", 7)
     monkeypatch.setenv("ONPOLICY_KAFKA__BOOTSTRAP_SERVERS", "shared:1")
@@ -62,8 +63,13 @@ def test_unreadable_yaml(tmp_path):
 def test_sasl_ssl_passes_through():
     s = load_settings(
         DemoSettings,
-        kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
-               "sasl_username": "u", "sasl_password": "p", "ssl_cafile": "/etc/ca.pem"},
+        kafka={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "u",
+            "sasl_password": "p",
+            "ssl_cafile": "/etc/ca.pem",
+        },
     )
     cfg = s.kafka.client_config()
     assert cfg["sasl_mechanism"] == "SCRAM-SHA-512"

@@ -35,8 +35,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         kafka = kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
         console.print(f"[green]kafka[/] ready at {broker.bootstrap} ({seconds:.1f}s)")
     created = ensure_topics(kafka, settings.topics)
-    console.print(f"[green]topics[/] {settings.topics.prefix}* ready"
-                  + (f" (created {len(created)})" if created else ""))
+    console.print(
+        f"[green]topics[/] {settings.topics.prefix}* ready"
+        + (f" (created {len(created)})" if created else "")
+    )
 
     env = {"ONPOLICY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
     if not args.kafka_only:
@@ -45,14 +47,37 @@ def cmd_up(args: argparse.Namespace) -> int:
         server = VllmServer(settings, model)
         with console.status(f"starting vLLM for {settings.served_model_name}..."):
             seconds = server.start()
-        console.print(f"[green]vllm[/] ready at {server.url} serving "
-                      f"{settings.served_model_name} from {model} ({seconds:.1f}s)")
-        env |= {"ONPOLICY_VLLM_URL": server.url, "ONPOLICY_MODEL_PATH": str(model),
-                "ONPOLICY_SERVED_MODEL_NAME": settings.served_model_name}
+        console.print(
+            f"[green]vllm[/] ready at {server.url} serving "
+            f"{settings.served_model_name} from {model} ({seconds:.1f}s)"
+        )
+        env |= {
+            "ONPOLICY_VLLM_URL": server.url,
+            "ONPOLICY_MODEL_PATH": str(model),
+            "ONPOLICY_SERVED_MODEL_NAME": settings.served_model_name,
+        }
     settings.state.mkdir(parents=True, exist_ok=True)
     env_file = settings.state / "stack.env"
     env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     console.print(f"environment for the services: [bold]source {env_file}[/]")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from onpolicy.stack import ensure_default_model, ensure_vllm_env
+    from onpolicy.stack.kafka import ensure_kafka_jars
+
+    settings = _stack_settings(args)
+    with console.status("fetching Apache Kafka's jars..."):
+        libs = ensure_kafka_jars(settings)
+    console.print(f"[green]kafka[/] jars in {libs}")
+    if not args.kafka_only:
+        with console.status("installing vLLM in its own environment..."):
+            python = ensure_vllm_env(settings)
+        console.print(f"[green]vllm[/] environment {python.parent.parent}")
+        with console.status("converting the default model..."):
+            model = ensure_default_model(settings)
+        console.print(f"[green]model[/] {model}")
     return 0
 
 
@@ -81,8 +106,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = Table("component", "pid", "address", "state")
     kafka = ManagedProcess("kafka", settings.state)
     broker = KafkaBroker(settings)
-    table.add_row("kafka", str(kafka.pid() or "-"), broker.bootstrap,
-                  "up" if port_open("127.0.0.1", settings.kafka_port) else "down")
+    table.add_row(
+        "kafka",
+        str(kafka.pid() or "-"),
+        broker.bootstrap,
+        "up" if port_open("127.0.0.1", settings.kafka_port) else "down",
+    )
     vllm = ManagedProcess("vllm", settings.state)
     import httpx
 
@@ -109,17 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onpolicy",
         description="On-policy preference tuning: sample with vLLM, judge, train DPO, repeat.",
         epilog="Settings come from ONPOLICY_* environment variables and an optional YAML file "
-               "(--config or ONPOLICY_CONFIG); see the README.",
+        "(--config or ONPOLICY_CONFIG); see the README.",
     )
     parser.add_argument("--config", type=Path, help="YAML settings file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start the local stack (Kafka broker, vLLM server)",
-                        description="Start a local single-node Kafka broker (KRaft) and a vLLM "
-                                    "server for the default model; fetch and cache what they "
-                                    "need on the first run.")
+    up = sub.add_parser(
+        "up",
+        help="start the local stack (Kafka broker, vLLM server)",
+        description="Start a local single-node Kafka broker (KRaft) and a vLLM "
+        "server for the default model; fetch and cache what they "
+        "need on the first run.",
+    )
     up.add_argument("--kafka-only", action="store_true", help="start only the Kafka broker")
     up.set_defaults(func=cmd_up)
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="fetch and cache what the stack needs, start nothing",
+        description="Fetch Kafka's jars, install vLLM in its own virtual "
+        "environment and convert the default model, once.",
+    )
+    prepare.add_argument("--kafka-only", action="store_true", help="only Kafka's jars")
+    prepare.set_defaults(func=cmd_prepare)
 
     down = sub.add_parser("down", help="stop the local stack")
     down.add_argument("--wipe", action="store_true", help="also delete the broker's data")

@@ -50,7 +50,9 @@ def _prompt(p: Prompt) -> None:
         raise InvalidRecord("prompt is empty: set text or messages")
     for i, m in enumerate(p.messages):
         if m.role not in ROLES:
-            raise InvalidRecord(f"messages[{i}].role is {m.role!r}; expected one of {sorted(ROLES)}")
+            raise InvalidRecord(
+                f"messages[{i}].role is {m.role!r}; expected one of {sorted(ROLES)}"
+            )
         if not m.content.strip():
             raise InvalidRecord(f"messages[{i}].content is empty")
     if p.HasField("num_samples") and p.num_samples < 1:
@@ -83,9 +85,7 @@ def _group(g: CompletionGroup) -> None:
 def _scored(s: ScoredGroup) -> None:
     _group(s.group)
     if len(s.scores) != len(s.group.completions):
-        raise InvalidRecord(
-            f"{len(s.scores)} scores for {len(s.group.completions)} completions"
-        )
+        raise InvalidRecord(f"{len(s.scores)} scores for {len(s.group.completions)} completions")
     if not s.id:
         s.id = ids.scored_id(s.group.id, s.judge_id)
 
@@ -94,8 +94,9 @@ def _pair(p: PreferencePair) -> None:
     if p.chosen == p.rejected:
         raise InvalidRecord("pair's chosen and rejected are the same text")
     if not p.id:
-        p.id = ids.pair_id(p.prompt_id, p.policy_version, p.chosen_index, p.rejected_index,
-                           p.judge_id)
+        p.id = ids.pair_id(
+            p.prompt_id, p.policy_version, p.chosen_index, p.rejected_index, p.judge_id
+        )
 
 
 def _policy(u: PolicyUpdate) -> None:

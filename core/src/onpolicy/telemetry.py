@@ -16,8 +16,14 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pythonjsonlogger.json import JsonFormatter
 
 from onpolicy.settings import HttpSettings, LogSettings
@@ -132,7 +138,10 @@ class ServiceServer:
 
     def start(self) -> None:
         config = uvicorn.Config(
-            self.app, host=self.settings.host, port=self.settings.port, log_level="warning",
+            self.app,
+            host=self.settings.host,
+            port=self.settings.port,
+            log_level="warning",
             lifespan="off",
         )
         self._server = uvicorn.Server(config)

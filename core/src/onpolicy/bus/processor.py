@@ -339,8 +339,14 @@ class Processor(Generic[M]):
         while True:
             attempt += 1
             record = Record(
-                message, topic, partition, offset, raw.key, list(raw.headers or []),  # type: ignore[attr-defined]
-                raw.timestamp, attempt,  # type: ignore[attr-defined]
+                message,
+                topic,
+                partition,
+                offset,
+                raw.key,
+                list(raw.headers or []),  # type: ignore[attr-defined]
+                raw.timestamp,
+                attempt,  # type: ignore[attr-defined]
             )
             try:
                 if inspect.iscoroutinefunction(self.handler):
@@ -368,8 +374,13 @@ class Processor(Generic[M]):
                     return await self._dead_letter(raw, "processing", repr(exc), attempt)
                 if self._stop.is_set():
                     return False  # leave it uncommitted for the next owner
-                log.warning("attempt %d for %s failed (%s); retrying in %.1fs",
-                            attempt, record_key, exc, backoff)
+                log.warning(
+                    "attempt %d for %s failed (%s); retrying in %.1fs",
+                    attempt,
+                    record_key,
+                    exc,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff_s)
         self.backend_ok = True
@@ -395,7 +406,8 @@ class Processor(Generic[M]):
             original_key=raw.key or b"",  # type: ignore[attr-defined]
             original_value=raw.value or b"",  # type: ignore[attr-defined]
             original_headers={
-                k: (v or b"").decode("utf-8", "replace") for k, v in raw.headers or []  # type: ignore[attr-defined]
+                k: (v or b"").decode("utf-8", "replace")
+                for k, v in raw.headers or []  # type: ignore[attr-defined]
             },
             consumer_group=self.config.group_id,
             failed_unix_ms=int(time.time() * 1000),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import Future
 
 from google.protobuf.message import Message
@@ -75,10 +76,9 @@ class Producer:
         return await asyncio.wrap_future(self.send(topic, message, fmt))
 
     def flush(self, timeout: float | None = None) -> None:
-        try:
+        # Each send's own future reports its failure; flush only waits for them.
+        with contextlib.suppress(KafkaError):
             self._producer.flush(timeout=timeout)
-        except KafkaError:
-            pass
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)

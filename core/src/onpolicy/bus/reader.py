@@ -42,7 +42,14 @@ def read_topic(
                         message = decode(message_type, raw.value, raw.headers)
                     except RecordError:
                         continue
-                    yield Record(message, raw.topic, raw.partition, raw.offset, raw.key,
-                                 list(raw.headers or []), raw.timestamp)
+                    yield Record(
+                        message,
+                        raw.topic,
+                        raw.partition,
+                        raw.offset,
+                        raw.key,
+                        list(raw.headers or []),
+                        raw.timestamp,
+                    )
     finally:
         consumer.close(autocommit=False)

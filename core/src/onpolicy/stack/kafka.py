@@ -80,8 +80,16 @@ def ensure_kafka_jars(settings: StackSettings) -> Path:
     )
     shutil.rmtree(libs, ignore_errors=True)
     run_checked(
-        [mvn, "-q", "-B", "-f", str(root / "pom.xml"), "dependency:copy-dependencies",
-         f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(root / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ],
         f"fetching Apache Kafka {settings.kafka_version} from Maven Central",
     )
     # kafka_2.13 drags in slf4j 1.7 too; keep only the 2.x API that the log4j binding needs.
@@ -121,7 +129,7 @@ class KafkaBroker:
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{s.kafka_controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},"
-                         f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
+            f"CONTROLLER://127.0.0.1:{s.kafka_controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -147,7 +155,9 @@ class KafkaBroker:
     def _java(self) -> str:
         java = shutil.which("java")
         if java is None:
-            raise StackError("the local Kafka broker needs Java 17+ (apt-get install openjdk-17-jre)")
+            raise StackError(
+                "the local Kafka broker needs Java 17+ (apt-get install openjdk-17-jre)"
+            )
         return java
 
     def start(self, timeout: float = 60.0) -> float:
@@ -167,15 +177,33 @@ class KafkaBroker:
         if not (self.data / "meta.properties").exists():
             self.data.mkdir(parents=True, exist_ok=True)
             run_checked(
-                [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-                 "-t", _cluster_id(), "-c", str(config)],
+                [
+                    java,
+                    "-cp",
+                    classpath,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    _cluster_id(),
+                    "-c",
+                    str(config),
+                ],
                 "formatting the Kafka log directory",
             )
         self.process.start(
-            [java, f"-Xmx{self.settings.kafka_heap}", f"-Xms{self.settings.kafka_heap}",
-             "-XX:+UseG1GC", "-Djava.awt.headless=true",
-             f"-Dlog4j2.configurationFile={self.state / 'log4j2.yaml'}",
-             "-cp", classpath, "kafka.Kafka", str(config)],
+            [
+                java,
+                f"-Xmx{self.settings.kafka_heap}",
+                f"-Xms{self.settings.kafka_heap}",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.state / 'log4j2.yaml'}",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(config),
+            ],
         )
         return self.process.wait_until(self._serving, timeout, "ready")
 

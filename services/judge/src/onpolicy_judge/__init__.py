@@ -1,0 +1,1 @@
+"""onpolicy judge service."""

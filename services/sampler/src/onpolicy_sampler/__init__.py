@@ -1,0 +1,1 @@
+"""onpolicy sampler service."""

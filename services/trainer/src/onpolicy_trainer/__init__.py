@@ -1,0 +1,1 @@
+"""onpolicy trainer service."""
