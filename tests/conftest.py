@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from onpolicy.bus import ensure_topics
 from onpolicy.settings import KafkaSettings, TopicSettings
 
@@ -80,12 +81,20 @@ def model_dir(stack_settings) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(stack_settings, model_dir: Path) -> Iterator[str]:
+def vllm(stack_settings, model_dir: Path):
+    """The session's vLLM server object (tests may stop and restart it)."""
     from onpolicy.stack import VllmServer
 
     server = VllmServer(stack_settings, model_dir)
     server.start()
     try:
-        yield server.url
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def vllm_server(vllm) -> str:
+    """URL of a running vLLM server for the default model (restarted if a test stopped it)."""
+    vllm.start()
+    return vllm.url

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 from kafka.admin import KafkaAdminClient
+
 from onpolicy.bus import Processor, Record, read_topic
 from onpolicy.settings import KafkaSettings
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from _util import committed, running, sample_value, wait_records, wait_until
 from kafka import KafkaProducer
+
 from onpolicy import messages as m
 from onpolicy.bus import (
     Output,

@@ -1,0 +1,83 @@
+"""Wiring of the sampler service: vLLM client, policy tracker, processor, health checks."""
+
+from __future__ import annotations
+
+import httpx
+
+from onpolicy.bus import Processor, ProcessorConfig, Producer
+from onpolicy.messages import Prompt
+from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_sampler.policy import PolicyTracker
+from onpolicy_sampler.settings import SamplerSettings
+from onpolicy_sampler.vllm_client import VllmClient
+from onpolicy_sampler.worker import Sampler
+
+
+class SamplerService(Processor[Prompt]):
+    """The prompts processor, which first catches up with the newest policy."""
+
+    def __init__(self, settings: SamplerSettings, metrics: Metrics):
+        api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+        producer = Producer(settings.kafka, client_id=settings.group_id)
+        self.tracker = PolicyTracker(
+            kafka=settings.kafka,
+            topic=settings.topics.name("policy"),
+            dead_letter_topic=settings.topics.name("dlq"),
+            vllm_url=settings.vllm_url,
+            base_model=settings.served_model_name,
+            keep_adapters=settings.keep_adapters,
+            cache_dir=settings.adapter_cache_dir,
+            metrics=metrics,
+            producer=producer,
+            api_key=api_key,
+        )
+        self.client = VllmClient(
+            settings.vllm_url,
+            api_key,
+            settings.request_timeout_s,
+            max_connections=settings.concurrency * 2,
+        )
+        self.sampler = Sampler(settings, self.client, self.tracker, metrics)
+        super().__init__(
+            kafka=settings.kafka,
+            source=settings.topics.name("prompts"),
+            message_type=Prompt,
+            handler=self.sampler.handle,
+            config=ProcessorConfig(group_id=settings.group_id, concurrency=settings.concurrency),
+            metrics=metrics,
+            dead_letter_topic=settings.topics.name("dlq"),
+            producer=producer,
+        )
+        self._own_producer = True
+        self.settings = settings
+        self.metrics = metrics
+
+    def vllm_ok(self) -> bool:
+        try:
+            return httpx.get(f"{self.settings.vllm_url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def run(self, install_signal_handlers: bool = True) -> None:
+        self.tracker.start()
+        try:
+            super().run(install_signal_handlers)
+        finally:
+            self.tracker.stop()
+
+
+def build(settings: SamplerSettings, metrics: Metrics, server: ServiceServer) -> SamplerService:
+    service = SamplerService(settings, metrics)
+    server.add_check("vllm", service.vllm_ok)
+    server.add_check("policy", service.tracker.caught_up.is_set)
+    server.add_check("backend", lambda: service.backend_ok)
+    server.app.add_api_route(
+        "/policy",
+        lambda: {
+            "version": service.tracker.current.version,
+            "model": service.tracker.current.model,
+            "loaded": [p.model for p in service.tracker.loaded],
+        },
+        methods=["GET"],
+    )
+    return service

@@ -1,0 +1,42 @@
+"""Settings of the sampler (``ONPOLICY_SAMPLER_...``, or shared ``ONPOLICY_...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, SecretStr
+
+from onpolicy.settings import ServiceSettings
+
+
+class SamplerSettings(ServiceSettings):
+    """Sampler: turns each prompt into a group of N samples from the current policy."""
+
+    service: ClassVar[str] = "sampler"
+
+    vllm_url: str = Field("http://127.0.0.1:8001", description="vLLM OpenAI-compatible server")
+    vllm_api_key: SecretStr | None = Field(None, description="bearer token, if the server wants")
+    served_model_name: str = Field("SmolLM2-135M-Instruct", description="the base model's name")
+    group_id: str = Field("sampler", description="Kafka consumer group")
+
+    num_samples: int = Field(4, ge=1, description="N samples per prompt (prompt may override)")
+    concurrency: int = Field(32, ge=1, description="requests in flight (keep vLLM's batch full)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int = Field(128, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    request_timeout_s: float = Field(600.0, gt=0)
+
+    keep_adapters: int = Field(2, ge=1, description="LoRA adapters kept loaded in vLLM")
+    adapter_cache_dir: Path = Field(
+        Path("/tmp/onpolicy-adapters"), description="where remote (fsspec) adapters are fetched"
+    )
+    round_prompts: int = Field(
+        0,
+        ge=0,
+        description="strict on-policy gate: after this many training prompts with one policy, "
+        "wait for the next policy (0: off)",
+    )

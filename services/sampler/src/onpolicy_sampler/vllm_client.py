@@ -1,0 +1,137 @@
+"""Async client for the vLLM OpenAI-compatible server: sampling and runtime LoRA loading.
+
+Errors are mapped onto the bus's classes: vLLM unreachable or answering 5xx is a
+:class:`TransientError` (retry, commit nothing); a 400 (prompt too long, bad parameters) is an
+:class:`InvalidRecord` (dead letter with vLLM's own message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from onpolicy.bus import TransientError
+from onpolicy.serde import InvalidRecord
+
+
+class ModelNotLoaded(TransientError):
+    """vLLM does not know the adapter (e.g. it restarted): reload it, then retry."""
+
+
+@dataclass
+class Sample:
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class SampleResult:
+    samples: list[Sample]
+    prompt_tokens: int
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:500]
+        return str(err)[:500]
+    return str(body)[:500]
+
+
+class VllmClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_s: float = 600.0,
+        max_connections: int = 256,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _post(self, path: str, payload: dict[str, Any], model: str) -> dict[str, Any]:
+        try:
+            response = await self.http.post(path, json=payload)
+        except httpx.TransportError as exc:
+            raise TransientError(f"vLLM unreachable at {self.base_url}: {exc!r}") from exc
+        if response.status_code == 404 and "does not exist" in response.text:
+            raise ModelNotLoaded(f"vLLM does not serve {model!r}: {_detail(response)}")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise TransientError(f"vLLM answered {response.status_code}: {_detail(response)}")
+        if response.status_code >= 400:
+            raise InvalidRecord(
+                f"vLLM rejected the prompt ({response.status_code}): {_detail(response)}"
+            )
+        return response.json()
+
+    async def sample(
+        self,
+        *,
+        model: str,
+        params: dict[str, Any],
+        n: int,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+    ) -> SampleResult:
+        """One request with ``n`` choices, so the prompt's prefix is computed once."""
+        payload: dict[str, Any] = {"model": model, "n": n, **params, "return_token_ids": True}
+        if messages is not None:
+            payload["messages"] = messages
+            body = await self._post("/v1/chat/completions", payload, model)
+        else:
+            payload["prompt"] = prompt
+            body = await self._post("/v1/completions", payload, model)
+        samples = []
+        for choice in sorted(body["choices"], key=lambda c: c["index"]):
+            text = choice["message"]["content"] if messages is not None else choice["text"]
+            token_ids = choice.get("token_ids")
+            samples.append(
+                Sample(
+                    text=text or "",
+                    num_tokens=len(token_ids or []),
+                    finish_reason=choice.get("finish_reason") or "",
+                )
+            )
+        if samples and all(s.num_tokens == 0 for s in samples):
+            # Servers without return_token_ids: spread the usage count over the choices.
+            total = (body.get("usage") or {}).get("completion_tokens", 0)
+            for s in samples:
+                s.num_tokens = total // len(samples)
+        return SampleResult(samples, (body.get("usage") or {}).get("prompt_tokens", 0))
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        response = await self.http.post(
+            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+        )
+        if response.status_code >= 400 and "already" not in response.text.lower():
+            raise TransientError(
+                f"loading adapter {name} from {path} failed "
+                f"({response.status_code}): {_detail(response)}"
+            )
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+    async def models(self) -> list[str]:
+        response = await self.http.get("/v1/models")
+        response.raise_for_status()
+        return [m["id"] for m in response.json()["data"]]

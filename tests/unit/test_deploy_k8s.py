@@ -1,0 +1,368 @@
+"""Kubernetes manifests: every overlay builds with Kustomize, every object validates against
+the Kubernetes JSON schemas or its CRD's schema, and the pieces fit together (selectors,
+ports, topics, KEDA triggers, settings the services really read)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _deploy import built, dc, load_service_settings, tools_or_fail, unknown_env
+from onpolicy.settings import TOPIC_KINDS
+
+OVERLAYS = ("base", "dev", "gpu")
+SERVICES = ("sampler", "judge", "trainer")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tools() -> None:
+    tools_or_fail()
+
+
+def of_kind(objects, kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def named(objects, kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_spec(objects, deployment: str) -> dict[str, Any]:
+    return named(objects, "Deployment", deployment)["spec"]["template"]["spec"]
+
+
+def container(objects, deployment: str, name: str) -> dict[str, Any]:
+    return next(c for c in pod_spec(objects, deployment)["containers"] if c["name"] == name)
+
+
+def env_of(objects, c: dict[str, Any]) -> dict[str, str]:
+    """A container's environment with ConfigMap references resolved from the build."""
+    env = {}
+    for ref in c.get("envFrom", []):
+        env.update(named(objects, "ConfigMap", ref["configMapRef"]["name"])["data"])
+    for var in c.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "configMapKeyRef" in var.get("valueFrom", {}):
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = named(objects, "ConfigMap", ref["name"])["data"][ref["key"]]
+    return env
+
+
+def config_map_named(objects, prefix: str) -> dict[str, Any]:
+    # Generated ConfigMaps carry a content hash suffix.
+    found = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].startswith(prefix)]
+    assert len(found) == 1, prefix
+    return found[0]
+
+
+def shared_config(objects) -> dict[str, Any]:
+    return yaml.safe_load(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates_against_its_schema(overlay: str) -> None:
+    objects = built(overlay)
+    kinds = {o["kind"] for o in objects}
+    assert {
+        "Namespace", "Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim",
+        "PodDisruptionBudget", "NetworkPolicy", "Kafka", "KafkaNodePool", "KafkaTopic",
+        "ScaledObject", "ServiceMonitor",
+    } <= kinds  # fmt: skip
+    errors = [e for obj in objects for e in dc.validate_object(obj)]
+    assert errors == []
+
+
+def test_schema_validation_rejects_unknown_and_mistyped_fields() -> None:
+    # The check is only worth something if it fails on a typo: one per schema source.
+    objects = built("gpu")
+    for kind in ("Deployment", "KafkaTopic", "ScaledObject", "ServiceMonitor", "Kafka"):
+        obj = json.loads(json.dumps(of_kind(objects, kind)[0]))
+        obj["spec"]["replicaz"] = 1
+        assert any("replicaz" in e for e in dc.validate_object(obj)), kind
+    topic = json.loads(json.dumps(of_kind(objects, "KafkaTopic")[0]))
+    topic["spec"]["partitions"] = "six"
+    assert dc.validate_object(topic)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_hardened_probed_and_sized(overlay: str) -> None:
+    objects = built(overlay)
+    for deployment in of_kind(objects, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        name = deployment["metadata"]["name"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for c in spec["containers"]:
+            where = f"{name}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
+            assert "memory" in c["resources"]["limits"], where
+            health = "/health" if c["name"] == "vllm" else "/healthz"
+            ready = "/health" if c["name"] == "vllm" else "/readyz"
+            assert c["livenessProbe"]["httpGet"]["path"] == health, where
+            assert c["readinessProbe"]["httpGet"]["path"] == ready, where
+            ports = {p["name"] for p in c["ports"]}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in c:
+                    assert c[probe]["httpGet"]["port"] in ports, where
+            # A read-only root needs a writable /tmp.
+            assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_and_service_monitors_reach_named_ports(overlay: str) -> None:
+    objects = built(overlay)
+    deployments = of_kind(objects, "Deployment")
+    for svc in of_kind(objects, "Service"):
+        pods = [
+            d
+            for d in deployments
+            if svc["spec"]["selector"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(pods) == 1, svc["metadata"]["name"]
+        container_ports = {
+            p["name"] for c in pods[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]
+        }
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports
+    monitors = of_kind(objects, "ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == set(SERVICES)
+    for monitor in monitors:
+        # kube-prometheus-stack's Prometheus selects ServiceMonitors by its release label.
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        targets = [
+            s for s in of_kind(objects, "Service")
+            if selector.items() <= s["metadata"]["labels"].items()
+        ]  # fmt: skip
+        assert len(targets) == 1, monitor["metadata"]["name"]
+        ports = {p["name"] for p in targets[0]["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+        assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    # vLLM's own metrics are scraped too.
+    sampler = next(m for m in monitors if m["metadata"]["name"] == "sampler")
+    assert {e["port"] for e in sampler["spec"]["endpoints"]} == {"http", "vllm"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_kafka_topic_per_pipeline_topic(overlay: str) -> None:
+    objects = built(overlay)
+    prefix = shared_config(objects)["topics"]["prefix"]
+    kafka = of_kind(objects, "Kafka")
+    assert len(kafka) == 1
+    cluster = kafka[0]["metadata"]["name"]
+    brokers = sum(
+        p["spec"]["replicas"]
+        for p in of_kind(objects, "KafkaNodePool")
+        if "broker" in p["spec"]["roles"]
+    )
+    topics = {t["spec"]["topicName"]: t for t in of_kind(objects, "KafkaTopic")}
+    assert set(topics) == {prefix + kind for kind in TOPIC_KINDS}
+    for topic in topics.values():
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == cluster
+        assert topic["spec"]["replicas"] <= brokers
+        assert topic["spec"]["config"]["max.message.bytes"] == 8388608
+    assert topics[prefix + "policy"]["spec"]["partitions"] == 1
+    assert topics[prefix + "policy"]["spec"]["config"]["retention.ms"] == -1
+    assert topics[prefix + "dlq"]["spec"]["config"]["retention.ms"] == -1
+    # Strimzi owns the topics; the services must not race it.
+    assert shared_config(objects)["topics"]["create"] is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_sampler_and_judge_on_their_groups_lag(overlay: str) -> None:
+    objects = built(overlay)
+    prefix = shared_config(objects)["topics"]["prefix"]
+    partitions = {
+        t["spec"]["topicName"]: t["spec"]["partitions"] for t in of_kind(objects, "KafkaTopic")
+    }
+    cluster = of_kind(objects, "Kafka")[0]["metadata"]["name"]
+    namespace = named(objects, "Deployment", "sampler")["metadata"]["namespace"]
+    expected = {"sampler": "prompts", "judge": "completions"}
+    scaled = {s["metadata"]["name"]: s for s in of_kind(objects, "ScaledObject")}
+    assert set(scaled) == set(expected)
+    for name, kind in expected.items():
+        spec = scaled[name]["spec"]
+        named(objects, "Deployment", spec["scaleTargetRef"]["name"])
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "kafka"
+        meta = trigger["metadata"]
+        assert meta["consumerGroup"] == name
+        assert meta["topic"] == prefix + kind
+        assert meta["bootstrapServers"] == f"{cluster}-kafka-bootstrap.{namespace}.svc:9092"
+        assert int(meta["lagThreshold"]) > 0
+        # More consumers than partitions would idle.
+        assert spec["minReplicaCount"] >= 1
+        assert spec["maxReplicaCount"] <= partitions[prefix + kind]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_read_every_variable_they_are_given(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = built(overlay)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
+    for service in SERVICES:
+        c = container(objects, service, service)
+        env = env_of(objects, c)
+        assert env["ONPOLICY_CONFIG"] == "/etc/onpolicy/config.yaml"
+        assert unknown_env(service, env) == [], service
+        settings = load_service_settings(service, env, config, monkeypatch)
+        assert settings.kafka.bootstrap_servers.startswith(
+            of_kind(objects, "Kafka")[0]["metadata"]["name"] + "-kafka-bootstrap:"
+        )
+        assert settings.topics.create is False
+        assert settings.log.json_format is True
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "http")
+        assert settings.http.port == port
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert mounts["config"] == "/etc/onpolicy"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sampler_pod_serves_lora_policies_from_the_trainers_checkpoints(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = built(overlay)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
+    pod = pod_spec(objects, "sampler")
+    vllm, sampler = container(objects, "sampler", "vllm"), container(objects, "sampler", "sampler")
+    args = vllm["args"]
+    assert "--enable-lora" in args and "--max-lora-rank=16" in args
+    assert env_of(objects, vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    sampler_env = env_of(objects, sampler)
+    vllm_port = next(p["containerPort"] for p in vllm["ports"] if p["name"] == "vllm")
+    assert sampler_env["ONPOLICY_SAMPLER_VLLM_URL"] == f"http://localhost:{vllm_port}"
+    assert f"--port={vllm_port}" in args
+    # The sampler asks for the model under the name vLLM serves it.
+    served = env_of(objects, vllm)["SERVED_MODEL_NAME"]
+    assert "--served-model-name=$(SERVED_MODEL_NAME)" in args
+    assert sampler_env["ONPOLICY_SAMPLER_SERVED_MODEL_NAME"] == served
+    settings = load_service_settings("sampler", sampler_env, config, monkeypatch)
+    max_loras = next(int(a.split("=")[1]) for a in args if a.startswith("--max-loras="))
+    assert max_loras >= settings.keep_adapters
+    # A memory-backed /dev/shm for vLLM.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shm = next(m for m in vllm["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    # The trainer writes adapters where both sampler containers read them, read-only.
+    trainer = container(objects, "trainer", "trainer")
+    ckpt_path = env_of(objects, trainer)["ONPOLICY_TRAINER_CHECKPOINT_URI"]
+    trainer_mount = next(m for m in trainer["volumeMounts"] if m["mountPath"] == ckpt_path)
+    claim = {v["name"]: v for v in pod_spec(objects, "trainer")["volumes"]}[trainer_mount["name"]][
+        "persistentVolumeClaim"
+    ]["claimName"]
+    for c in (vllm, sampler):
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == ckpt_path)
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
+    # Remote adapters are fetched to the sampler's /tmp, which vLLM must see too.
+    tmp = {m["mountPath"]: m["name"] for m in vllm["volumeMounts"]}["/tmp"]
+    assert {m["mountPath"]: m["name"] for m in sampler["volumeMounts"]}["/tmp"] == tmp
+    assert str(settings.adapter_cache_dir).startswith("/tmp/")
+    # The model cache is shared by vLLM and the trainer.
+    model = {m["mountPath"]: m["name"] for m in vllm["volumeMounts"]}["/models"]
+    assert volumes[model]["persistentVolumeClaim"]["claimName"] == "onpolicy-model-cache"
+
+
+def gpus(c: dict[str, Any]) -> int:
+    return int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def tolerates_gpu_taint(spec: dict[str, Any]) -> bool:
+    return any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+
+
+def test_gpu_overlay_schedules_gpu_pods_on_the_gpu_pool() -> None:
+    objects = built("gpu")
+    for deployment in ("sampler", "trainer", "judge"):
+        spec = pod_spec(objects, deployment)
+        assert tolerates_gpu_taint(spec), deployment
+        assert spec["nodeSelector"], deployment
+    assert gpus(container(objects, "sampler", "vllm")) == 1
+    assert gpus(container(objects, "sampler", "sampler")) == 0  # the worker only speaks HTTP
+    assert gpus(container(objects, "trainer", "trainer")) == 1
+    assert gpus(container(objects, "judge", "judge")) == 1
+    assert "nvidia.com/gpu.product" in pod_spec(objects, "sampler")["nodeSelector"]
+    judge_env = env_of(objects, container(objects, "judge", "judge"))
+    assert judge_env["ONPOLICY_JUDGE_BACKEND"] == "reward_model"
+    assert judge_env["ONPOLICY_JUDGE_REWARD_MODEL__MODEL"]
+    # Replicated Kafka and an authenticated TLS listener for outside publishers.
+    assert sum(p["spec"]["replicas"] for p in of_kind(objects, "KafkaNodePool")) == 3
+    external = [
+        listener
+        for listener in of_kind(objects, "Kafka")[0]["spec"]["kafka"]["listeners"]
+        if listener["type"] in ("loadbalancer", "nodeport", "ingress", "route")
+    ]
+    assert external and all(
+        lst["tls"] and lst["authentication"]["type"] == "scram-sha-512" for lst in external
+    )
+    assert named(objects, "KafkaUser", "prompt-publisher")["spec"]["authentication"]["type"] == (
+        "scram-sha-512"
+    )
+
+
+def test_dev_overlay_needs_no_gpu() -> None:
+    objects = built("dev")
+    text = json.dumps([o for o in objects if o["kind"] == "Deployment"])
+    assert "nvidia.com/gpu" not in text
+    for deployment in of_kind(objects, "Deployment"):
+        assert not tolerates_gpu_taint(deployment["spec"]["template"]["spec"])
+    vllm = container(objects, "sampler", "vllm")
+    assert vllm["image"].startswith("onpolicy/vllm-cpu:")
+    assert not any(a.startswith("--gpu-memory-utilization") for a in vllm["args"])
+    for pvc in of_kind(objects, "PersistentVolumeClaim"):
+        assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_deny_by_default_and_admit_scrapes(overlay: str) -> None:
+    objects = built(overlay)
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(objects, "NetworkPolicy")}
+    deny = policies["default-deny-ingress"]
+    assert (
+        deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    )
+    scrape_ports = {p["port"] for p in policies["allow-metrics-scrape"]["ingress"][0]["ports"]}
+    for c in container(objects, "sampler", "vllm"), container(objects, "sampler", "sampler"):
+        assert {p["containerPort"] for p in c["ports"]} <= scrape_ports
+    # Every pipeline pod (the sampler's, the judge's, the trainer's) is a Kafka client that
+    # Strimzi's listener policy must admit, and KEDA must read the lag.
+    peers = of_kind(objects, "Kafka")[0]["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]
+    selectors = [p.get("podSelector", {}).get("matchLabels", {}) for p in peers]
+    for deployment in of_kind(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert any(s and s.items() <= labels.items() for s in selectors)
+    assert any(
+        p.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+        == "keda"
+        for p in peers
+    )
+
+
+def test_dashboard_config_map_is_the_dashboard_file() -> None:
+    objects = built("base")
+    cm = named(objects, "ConfigMap", "onpolicy-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["onpolicy.json"]) == json.loads(dc.DASHBOARD.read_text())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_object_names_are_valid_and_unique(overlay: str) -> None:
+    objects = built(overlay)
+    keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys))
+    for _, _, name in keys:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) and len(name) <= 63, name
