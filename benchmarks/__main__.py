@@ -34,8 +34,11 @@ def update_readme(name: str, summary: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("names", nargs="*", help=f"which to run (default all: {available()})")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
     args = parser.parse_args(argv)

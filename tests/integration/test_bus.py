@@ -39,14 +39,14 @@ def echo_group(prompt: m.Prompt) -> m.CompletionGroup:
     )
 
 
-def make_processor(kafka, topics, handler, group="g", **config) -> Processor:
+def make_processor(kafka, topics, handler, group="g", metrics=None, **config) -> Processor:
     return Processor(
         kafka=kafka,
         source=topics.name("prompts"),
         message_type=m.Prompt,
         handler=handler,
         config=ProcessorConfig(group_id=f"{topics.prefix}{group}", **config),
-        metrics=Metrics("test"),
+        metrics=metrics or Metrics("test"),
         dead_letter_topic=topics.name("dlq"),
     )
 
@@ -312,3 +312,26 @@ def test_sigterm_finishes_in_flight_work_and_commits(kafka, topics, tmp_path):
     assert proc.wait(timeout=60) == 0
     assert len(wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)) == 1
     assert sum(committed(kafka, f"{topics.prefix}echo", topics.name("prompts")).values()) == 1
+
+
+def test_service_server_is_ready_only_while_connected(kafka, topics):
+    import httpx
+
+    from onpolicy.settings import HttpSettings
+    from onpolicy.telemetry import ServiceServer
+
+    metrics = Metrics("test")
+    processor = make_processor(kafka, topics, lambda r: [], metrics=metrics)
+    server = ServiceServer("test", metrics, HttpSettings(host="127.0.0.1", port=0))
+    server.add_check("kafka", lambda: processor.kafka_connected)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        assert httpx.get(f"{url}/readyz").status_code == 503  # not consuming yet
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+        with running(processor):
+            wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 30, "ready")
+            assert httpx.get(f"{url}/readyz").json() == {"ready": True, "checks": {"kafka": True}}
+            assert b"onpolicy_test_" in httpx.get(f"{url}/metrics").content
+    finally:
+        server.stop()

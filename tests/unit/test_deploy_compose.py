@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from _deploy import REPO, dc, load_service_settings, tools_or_fail, unknown_env
+
 from onpolicy.settings import TOPIC_KINDS
 
 SERVICES = {"sampler": "sampler", "judge": "judge", "trainer": "trainer", "trainer-cpu": "trainer"}

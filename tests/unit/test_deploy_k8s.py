@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from _deploy import built, dc, load_service_settings, tools_or_fail, unknown_env
+
 from onpolicy.settings import TOPIC_KINDS
 
 OVERLAYS = ("base", "dev", "gpu")

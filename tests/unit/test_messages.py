@@ -1,4 +1,5 @@
 import pytest
+
 from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.serde import InvalidRecord

@@ -1,4 +1,5 @@
 from kafka.structs import TopicPartition
+
 from onpolicy.bus.processor import _Offsets
 
 TP = TopicPartition("t", 0)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 from google.protobuf import json_format
+
 from onpolicy import messages as m
 from onpolicy.serde import CONTENT_TYPE, DecodeError, decode, encode
 

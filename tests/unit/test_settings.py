@@ -1,4 +1,5 @@
 import pytest
+
 from onpolicy.settings import ConfigError, ServiceSettings, load_settings
 
 

@@ -120,7 +120,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     except httpx.HTTPError:
         up = False
     table.add_row("vllm", str(vllm.pid() or "-"), settings.vllm_url, "up" if up else "down")
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    if not port_open("127.0.0.1", settings.kafka_port) and not settings.external_kafka:
+        return 0
+    from onpolicy.run.monitor import pipeline_status
+
+    kafka = settings.kafka
+    if not settings.external_kafka:
+        kafka = kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
+    try:
+        stages, version = pipeline_status(kafka, settings.topics)
+    except Exception as exc:  # a cluster without our topics yet
+        out.print(f"pipeline: unavailable ({exc})")
+        return 0
+    lag = Table("stage (group)", "topic", "records", "committed", "lag", "records/s")
+    for st in stages:
+        lag.add_row(
+            st.group,
+            st.topic,
+            str(st.end),
+            str(st.committed),
+            str(st.lag),
+            f"{st.records_per_s:.1f}",
+        )
+    out.print(lag)
+    out.print(f"current policy version: [bold]{version}[/]")
     return 0
 
 
@@ -130,6 +155,180 @@ def cmd_topics(args: argparse.Namespace) -> int:
     settings = _stack_settings(args)
     created = ensure_topics(settings.kafka, settings.topics)
     console.print(f"created {', '.join(created)}" if created else "all topics exist")
+    return 0
+
+
+class _Status:
+    """One live status line for long work; ``final=True`` prints a line that stays."""
+
+    def __init__(self) -> None:
+        self._status = console.status("starting")
+
+    def __enter__(self) -> _Status:
+        self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._status.__exit__(*exc)
+
+    def __call__(self, message: str, final: bool = False) -> None:
+        if final:
+            console.print(message)
+        else:
+            self._status.update(message)
+
+
+RUN_FLAGS = {
+    "rounds": int,
+    "prompts_per_round": int,
+    "eval_size": int,
+    "num_samples": int,
+    "max_tokens": int,
+    "max_staleness": int,
+    "run_id": str,
+    "runs_dir": Path,
+    "prompts": Path,
+    "eval_prompts": Path,
+    "seed": int,
+}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from onpolicy.run.prompts import PromptFileError
+    from onpolicy.run.runner import Runner
+    from onpolicy.run.settings import RunSettings
+    from onpolicy.stack import StackSettings
+
+    overrides = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
+    if args.compare_offpolicy:
+        overrides["compare_offpolicy"] = True
+    if args.external_stack:
+        overrides["external_stack"] = True
+    settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    stack = load_settings(StackSettings, config_file=args.config)
+    try:
+        runner = Runner(settings, stack)
+    except (PromptFileError, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    console.print(f"run [bold]{runner.run_id}[/] -> {runner.run_dir}")
+    with _Status() as status:
+        runner.status = status
+        report = runner.run()
+    print_rounds(report)
+    console.print(
+        f"report: {runner.run_dir / 'report.json'}, plot: {runner.run_dir / 'report.png'}"
+        f", pairs: {runner.run_dir / 'pairs.parquet'}"
+    )
+    return 130 if report["interrupted"] else 0
+
+
+def print_rounds(report: dict) -> None:
+    for name, rounds in report["lineages"].items():
+        table = Table(
+            "round",
+            "policy",
+            "pairs",
+            "eval reward",
+            "eval tokens",
+            "ended ok",
+            "sample s",
+            "judge s",
+            "train s",
+            "load s",
+            title=name,
+        )
+        for r in rounds:
+            reward = (
+                "-"
+                if r["eval_reward_mean"] is None
+                else f"{r['eval_reward_mean']:.3f} ± {r['eval_reward_std']:.3f}"
+            )
+            tokens = (
+                "-"
+                if r["eval_completion_tokens_mean"] is None
+                else f"{r['eval_completion_tokens_mean']:.0f}"
+            )
+            ended = "-" if r["eval_finished_rate"] is None else f"{r['eval_finished_rate']:.0%}"
+            table.add_row(
+                str(r["round"]),
+                f"v{r['policy_version']}",
+                str(r["pairs"]),
+                reward,
+                tokens,
+                ended,
+                f"{r['sampling_s']:.0f}",
+                f"{r['judging_s']:.0f}",
+                f"{r['training_s']:.0f}",
+                f"{r['loading_s']:.1f}",
+            )
+        Console().print(table)
+    if "eval_reward_gain" in report:
+        Console().print(
+            f"evaluation reward change, first to last: "
+            f"[bold]{report['eval_reward_gain']:+.3f}[/] in {report['wall_s']:.0f}s"
+        )
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from onpolicy.bus import Producer, ensure_topics
+    from onpolicy.run.prompts import PromptFileError, load_prompts
+    from onpolicy.stack import StackSettings
+
+    settings = load_settings(StackSettings, config_file=args.config)
+    try:
+        source = load_prompts(args.file)
+    except PromptFileError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    if settings.topics.create:
+        ensure_topics(settings.kafka, settings.topics)
+    producer = Producer(settings.kafka, client_id="onpolicy-publish")
+    topic = settings.topics.name("prompts")
+    try:
+        futures = [producer.send(topic, p) for p in source.prompts]
+        for future in futures:
+            future.result(120)  # every record acknowledged, or the error surfaces
+    finally:
+        producer.close()
+    console.print(f"published {len(futures)} prompts to {topic}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from onpolicy import messages as m
+    from onpolicy.bus import read_topic
+    from onpolicy.run.report import pair_rows, write_pairs
+    from onpolicy.stack import StackSettings
+
+    if args.run:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(Path(args.run) / "pairs.parquet")
+        if args.lineage:
+            rows = [r for r in table.to_pylist() if r["lineage"] == args.lineage]
+        else:
+            rows = table.to_pylist()
+    else:
+        settings = load_settings(StackSettings, config_file=args.config)
+        pairs: dict[str, m.PreferencePair] = {}
+        for record in read_topic(
+            settings.kafka, settings.topics.name("pairs"), m.PreferencePair, timeout_s=300
+        ):
+            pairs.setdefault(record.message.id, record.message)  # duplicates by id dropped
+        rows = pair_rows(list(pairs.values()))
+    if not rows:
+        console.print("[red]no pairs to export[/]")
+        return 1
+    if str(args.out).endswith(".jsonl"):
+        import json
+
+        with open(args.out, "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    else:
+        write_pairs(Path(args.out), rows)
+    console.print(f"wrote {len(rows)} pairs to {args.out} (TRL prompt/chosen/rejected + metadata)")
     return 0
 
 
@@ -171,6 +370,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = sub.add_parser("topics", help="create the pipeline's topics on the configured cluster")
     topics.set_defaults(func=cmd_topics)
+
+    for name, helptext in (
+        ("run", "run the on-policy loop: sample, judge, DPO, repeat"),
+        ("demo", "the loop on the embedded default (what `make demo` runs)"),
+    ):
+        run = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext + ". Starts the local "
+            "stack and the three services, runs the rounds and writes "
+            "runs/<id>/ (report.json, report.png, pairs.parquet, adapters).",
+        )
+        for flag, kind in RUN_FLAGS.items():
+            run.add_argument(
+                "--" + flag.replace("_", "-"), type=kind, dest=flag, help=f"(setting run.{flag})"
+            )
+        run.add_argument(
+            "--compare-offpolicy",
+            action="store_true",
+            help="also train as many pairs sampled only by the initial policy",
+        )
+        run.add_argument(
+            "--external-stack",
+            action="store_true",
+            help="use the Kafka and vLLM already configured, start neither",
+        )
+        run.set_defaults(func=cmd_run)
+
+    publish = sub.add_parser("publish", help="validate and send prompts to the prompts topic")
+    publish.add_argument("file", type=Path, help="JSONL, Parquet or a local dataset folder")
+    publish.set_defaults(func=cmd_publish)
+
+    export = sub.add_parser("export", help="write the preference pairs as a TRL-ready dataset")
+    export.add_argument("--run", type=Path, help="a run folder (default: read the pairs topic)")
+    export.add_argument("--lineage", help="with --run: onpolicy or offpolicy")
+    export.add_argument("--out", type=Path, required=True, help="a .parquet or .jsonl file")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -187,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {exc}")
         return 1
     except KeyboardInterrupt:
+        console.print("interrupted")
         return 130
 
 

@@ -54,6 +54,8 @@ def setup_logging(settings: LogSettings, service: str) -> None:
     root.setLevel(settings.level)
     for noisy in ("kafka", "httpx", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # kafka-python warns about its own event-loop stalls (slow CPUs): not actionable here.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 class Metrics:

@@ -220,7 +220,7 @@ class Processor(Generic[M]):
                 free = self.config.concurrency - self._offsets.in_flight()
                 self._pause_if(consumer, full=free <= 0)
                 batch = consumer.poll(timeout_ms=100, max_records=max(free, 1))
-                self.kafka_connected = consumer.bootstrap_connected()
+                self.kafka_connected = self._connected(consumer)
                 for tp, records in batch.items():
                     for raw in records:
                         self._submit(tp, raw)
@@ -236,6 +236,15 @@ class Processor(Generic[M]):
 
     def stop(self) -> None:
         self._stop.set()
+
+    @staticmethod
+    def _connected(consumer: KafkaConsumer) -> bool:
+        # The group coordinator being known means the broker answered group requests lately;
+        # the bootstrap connection alone closes once metadata is in, so it says nothing.
+        try:
+            return not consumer._coordinator.coordinator_unknown()
+        except AttributeError:  # another kafka-python layout: fall back to the public probe
+            return consumer.bootstrap_connected()
 
     @property
     def ready(self) -> bool:

@@ -30,6 +30,7 @@ class SamplerService(Processor[Prompt]):
             metrics=metrics,
             producer=producer,
             api_key=api_key,
+            adapter_prefix=settings.adapter_prefix,
         )
         self.client = VllmClient(
             settings.vllm_url,

@@ -35,8 +35,8 @@ class Policy:
     adapter_path: str | None = None
 
 
-def adapter_name(version: int) -> str:
-    return f"policy-v{version}"
+def adapter_name(version: int, prefix: str = "policy") -> str:
+    return f"{prefix}-v{version}"
 
 
 def fetch_adapter(uri: str, cache_dir: Path, version: int) -> str:
@@ -69,6 +69,7 @@ class PolicyTracker:
         metrics: Metrics,
         producer: Producer,
         api_key: str | None = None,
+        adapter_prefix: str = "policy",
     ):
         self.kafka = kafka
         self.topic = topic
@@ -76,6 +77,7 @@ class PolicyTracker:
         self.base = Policy(0, base_model)
         self.current = self.base
         self.keep_adapters = keep_adapters
+        self.adapter_prefix = adapter_prefix
         self.cache_dir = cache_dir
         self.producer = producer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -114,7 +116,7 @@ class PolicyTracker:
         started = time.monotonic()
         uri = update.adapter_uri or update.checkpoint_uri
         path = fetch_adapter(uri, self.cache_dir, update.version)
-        policy = Policy(update.version, adapter_name(update.version), path)
+        policy = Policy(update.version, adapter_name(update.version, self.adapter_prefix), path)
         self._retry(lambda: self._load(policy), f"load {policy.model}")
         with self._lock:
             self.current = policy

@@ -30,6 +30,9 @@ class SamplerSettings(ServiceSettings):
     stop: list[str] = Field(default_factory=list)
     request_timeout_s: float = Field(600.0, gt=0)
 
+    adapter_prefix: str = Field(
+        "policy", description="vLLM name of version N is <prefix>-vN (unique per pipeline)"
+    )
     keep_adapters: int = Field(2, ge=1, description="LoRA adapters kept loaded in vLLM")
     adapter_cache_dir: Path = Field(
         Path("/tmp/onpolicy-adapters"), description="where remote (fsspec) adapters are fetched"

@@ -1,0 +1,1 @@
+"""The on-policy loop as one command (``onpolicy run``): stack, services, rounds, report."""

@@ -1,0 +1,47 @@
+"""Settings of ``onpolicy run`` (``ONPOLICY_RUN_...``, YAML section ``run:``, or flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from onpolicy.settings import ServiceSettings
+
+
+class RunSettings(ServiceSettings):
+    """The loop: sample, judge, pair, DPO, hot-load the adapter, sample again."""
+
+    service: ClassVar[str] = "run"
+
+    prompts: Path | None = Field(
+        None, description="JSONL, Parquet or dataset folder (default: demo)"
+    )
+    eval_prompts: Path | None = Field(None, description="held-out prompts (default: demo's)")
+    rounds: int = Field(3, ge=1, description="DPO rounds")
+    prompts_per_round: int = Field(32, ge=1, description="fresh training prompts per round")
+    eval_size: int = Field(48, ge=1, description="held-out prompts sampled at each evaluation")
+    prompt_epochs: bool = Field(False, description="reuse the prompt set when it runs out")
+    num_samples: int = Field(4, ge=2, description="samples per prompt (N)")
+    max_tokens: int = Field(96, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    eval_temperature: float = Field(0.7, ge=0, description="sampling temperature of evaluations")
+    eval_samples: int = Field(2, ge=1, description="samples per held-out prompt")
+    max_staleness: int = Field(0, ge=0, le=1, description="0 strict on-policy, 1 one-step-off")
+    compare_offpolicy: bool = Field(False, description="also train on base-policy samples only")
+    seed: int = 0
+
+    runs_dir: Path = Field(Path("runs"), description="run folders are made here")
+    run_id: str | None = Field(None, description="default: a timestamp")
+    stage_timeout_s: float = Field(1800.0, gt=0, description="longest wait for one stage")
+    external_stack: bool = Field(
+        False, description="use the running Kafka and vLLM (kafka.* and vllm_url) as they are"
+    )
+    vllm_url: str | None = Field(None, description="with external_stack: the vLLM server")
+    model: Path | None = Field(None, description="base model folder (default SmolLM2-135M)")
+
+    # Extra settings per service, merged into their YAML sections (e.g. {"learning_rate": 2e-4}).
+    sampler: dict[str, Any] = Field(default_factory=dict)
+    judge: dict[str, Any] = Field(default_factory=dict)
+    trainer: dict[str, Any] = Field(default_factory=dict)

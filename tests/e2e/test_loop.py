@@ -1,0 +1,123 @@
+"""The whole loop with every component real: broker, vLLM, sampler, judge, trainer."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from onpolicy import messages as m
+from onpolicy.bus import read_topic
+from onpolicy.run.runner import Runner
+from onpolicy.run.settings import RunSettings
+from onpolicy.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def run(kafka, vllm_server, model_dir, stack_settings, tmp_path_factory):
+    settings = load_settings(
+        RunSettings,
+        kafka=kafka,
+        external_stack=True,
+        vllm_url=vllm_server,
+        model=model_dir,
+        rounds=2,
+        prompts_per_round=6,
+        eval_size=4,
+        eval_samples=2,
+        num_samples=3,
+        max_tokens=40,
+        runs_dir=tmp_path_factory.mktemp("runs"),
+        run_id="e2e",
+        trainer={"max_length": 192, "per_device_batch_size": 2},
+    )
+    stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
+    runner = Runner(settings, stack, status=lambda *a, **k: None)
+    report = runner.run()
+    return runner, report
+
+
+def test_policy_versions_go_0_1_2_and_round_two_is_sampled_by_v1(run, kafka):
+    runner, report = run
+    assert not report["interrupted"]
+    assert [r["policy_version"] for r in report["rounds"]] == [0, 1, 2]
+    prefix = f"onpolicy.{runner.run_id}."
+    updates = [r.message for r in read_topic(kafka, prefix + "policy", m.PolicyUpdate)]
+    assert [u.version for u in updates] == [1, 2]
+    for u in updates:
+        assert Path(u.adapter_uri, "adapter_config.json").exists()
+    groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
+    train = [g for g in groups if g.prompt.dataset_split == "train"]
+    assert {g.policy_version for g in train if g.prompt.round == 0} == {0}
+    assert {g.policy_version for g in train if g.prompt.round == 1} == {1}
+    assert {g.model for g in train if g.prompt.round == 1} == {"policy-v1"}
+    evals = [g for g in groups if g.prompt.dataset_split == "eval"]
+    assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
+
+
+def test_report_and_dataset_are_complete(run):
+    runner, report = run
+    on_disk = json.loads((runner.run_dir / "report.json").read_text())
+    assert on_disk["rounds"] == report["rounds"]
+    for r in report["rounds"]:
+        for key in (
+            "round",
+            "policy_version",
+            "pairs",
+            "eval_reward_mean",
+            "eval_reward_std",
+            "sampling_s",
+            "judging_s",
+            "training_s",
+            "loading_s",
+        ):
+            assert key in r
+        assert r["eval_reward_mean"] is not None and 0.0 <= r["eval_reward_mean"] <= 1.0
+    assert report["rounds"][0]["pairs"] > 0 and report["rounds"][1]["pairs"] > 0
+    assert report["rounds"][0]["training_s"] > 0 and report["rounds"][0]["train_metrics"]
+    assert (runner.run_dir / "report.png").stat().st_size > 10_000
+    assert (runner.run_dir.parent / "latest").resolve() == runner.run_dir
+    rows = pq.read_table(runner.run_dir / "pairs.parquet").to_pylist()
+    assert len(rows) == report["rounds"][0]["pairs"] + report["rounds"][1]["pairs"]
+    assert len({r["pair_id"] for r in rows}) == len(rows)  # no pair twice
+    for row in rows:
+        assert row["chosen"] != row["rejected"]
+        assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+        assert row["chosen_score"] >= row["rejected_score"]
+    assert {r["policy_version"] for r in rows} == {0, 1}
+    # The trainer kept every round's pairs, each exactly once.
+    checkpoints = runner.run_dir / "onpolicy" / "checkpoints"
+    trained = [
+        r
+        for f in sorted((checkpoints / "datasets").glob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    assert sorted(r["pair_id"] for r in trained) == sorted(r["pair_id"] for r in rows)
+    assert sorted(p.name for p in checkpoints.glob("policy-v*")) == ["policy-v1", "policy-v2"]
+
+
+def test_every_metric_the_dashboard_queries_is_served(run, vllm_server):
+    runner, _ = run
+    exposed = ""
+    for svc in ("sampler", "judge", "trainer"):
+        exposed += (runner.run_dir / "onpolicy" / f"{svc}.metrics.txt").read_text()
+    exposed += httpx.get(f"{vllm_server}/metrics").text
+    names = set(
+        re.findall(
+            r"^([a-zA-Z_:][a-zA-Z0-9_:]*?)(?:_bucket|_count|_sum|_created)?[{ ]", exposed, re.M
+        )
+    )
+    wanted = [
+        line.strip()
+        for line in (ROOT / "deploy/grafana/metrics.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    missing = [w for w in wanted if w not in names]
+    assert not missing, f"dashboard metrics not served: {missing}"
