@@ -10,7 +10,7 @@ export UV_FIND_LINKS ?= $(WHEELS)
 endif
 PYTEST_ARGS ?=
 
-.PHONY: help install prepare up down test test-unit test-integration test-e2e lint format \
+.PHONY: help install prepare tools up down test test-unit test-integration test-e2e lint format \
         proto demo bench clean
 
 help: ## list the targets
@@ -22,16 +22,19 @@ install: ## create .venv with the core, the three services and the dev tools
 prepare: install ## fetch Kafka's jars, install vLLM (own venv), convert the default model
 	$(PY) -m onpolicy.cli prepare
 
+tools: ## kustomize and the CRD/compose schemas that validate deploy/ offline (cached)
+	deploy/tools/install.sh
+
 up: prepare ## start the local stack (Kafka + vLLM) in the background
 	$(PY) -m onpolicy.cli up
 
 down: ## stop the local stack
 	$(PY) -m onpolicy.cli down
 
-test: prepare ## every test, fast ones first (unit, integration, e2e)
+test: prepare tools ## every test, fast ones first (unit, integration, e2e)
 	$(PY) -m pytest tests/unit tests/integration tests/e2e $(PYTEST_ARGS)
 
-test-unit: install ## unit tests only (no broker, no vLLM)
+test-unit: install tools ## unit tests only (no broker, no vLLM)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: prepare ## integration tests (real Kafka, real vLLM, real TRL)

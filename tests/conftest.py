@@ -53,7 +53,7 @@ def kafka_bootstrap(stack_settings) -> Iterator[str]:
         broker.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def kafka(kafka_bootstrap: str) -> KafkaSettings:
     # Short group timeouts keep rebalances (and so the tests) fast.
     return KafkaSettings(

@@ -21,12 +21,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
-def run(kafka, vllm_server, model_dir, stack_settings, tmp_path_factory):
+def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
+    vllm.start()  # no-op when it runs; an earlier test may have stopped it
     settings = load_settings(
         RunSettings,
         kafka=kafka,
         external_stack=True,
-        vllm_url=vllm_server,
+        vllm_url=vllm.url,
         model=model_dir,
         rounds=2,
         prompts_per_round=6,

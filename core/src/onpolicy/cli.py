@@ -209,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         runner = Runner(settings, stack)
     except (PromptFileError, ValueError) as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(str(exc), style="red", markup=False, highlight=False)
         return 2
     console.print(f"run [bold]{runner.run_id}[/] -> {runner.run_dir}")
     with _Status() as status:
@@ -279,7 +279,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     try:
         source = load_prompts(args.file)
     except PromptFileError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(str(exc), style="red", markup=False, highlight=False)
         return 1
     if settings.topics.create:
         ensure_topics(settings.kafka, settings.topics)
@@ -417,10 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
+        # Plain text: the message holds "[env ...]", which rich would take for markup.
+        print(exc, file=sys.stderr)
         return 2
     except StackError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")

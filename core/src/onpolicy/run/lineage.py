@@ -118,8 +118,8 @@ class Lineage:
                 "model": str(model_path),
                 "checkpoint_uri": str(self.dir / "checkpoints"),
                 # Rounds are triggered by the loop once every pair of the round is in.
-                "round_size": 1_000_000,
-                "round_timeout_s": 1e9,
+                "round_size": 100_000,
+                "round_timeout_s": 86_400.0,
                 "max_staleness": settings.max_staleness,
                 "seed": settings.seed,
                 **(trainer_extra or {}),

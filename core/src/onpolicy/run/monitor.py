@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kafka import KafkaConsumer
 from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from onpolicy import messages as m
@@ -46,7 +47,10 @@ def pipeline_status(
         stages = []
         for group, kind in STAGES:
             name = topics.name(kind)  # type: ignore[arg-type]
-            offsets = admin.list_group_offsets(group).get(group, {})
+            try:
+                offsets = admin.list_group_offsets(group).get(group, {})
+            except KafkaError:  # no such group yet (or the coordinator is still loading)
+                offsets = {}
             committed = sum(
                 meta.offset for tp, meta in offsets.items() if tp.topic == name and meta.offset >= 0
             )

@@ -184,8 +184,9 @@ class KafkaBroker:
                     "kafka.tools.StorageTool",
                     "format",
                     "--standalone",
-                    "-t",
-                    _cluster_id(),
+                    # One argument: a random id may start with "-", which argparse would
+                    # take for an option.
+                    f"--cluster-id={_cluster_id()}",
                     "-c",
                     str(config),
                 ],

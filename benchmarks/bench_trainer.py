@@ -1,0 +1,190 @@
+"""Trainer: pairs/s of one service round vs a plain TRL DPOTrainer script on the same pairs.
+
+Both train SmolLM2-135M with the same LoRA and DPO settings on the same synthetic pairs.
+The plain script is timed from loading the model to ``save_pretrained``; the service round
+from producing the pairs to Kafka to its PolicyUpdate being published (consume, buffer,
+train, save adapter + Parquet dataset, publish), in process, on a real local broker.
+Ratio = service pairs/s / plain pairs/s (goal >= 0.95). CPU only: no GPU is lent here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+PAIRS_FULL = 32
+PAIRS_QUICK = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def plain_trl(settings: Any, rows: list[dict[str, Any]], out: Path) -> float:
+    """The baseline: what a user would write with TRL directly. Returns seconds."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        args = DPOConfig(
+            output_dir=scratch,
+            beta=settings.beta,
+            loss_type=settings.loss_types,
+            learning_rate=settings.learning_rate,
+            num_train_epochs=settings.num_epochs,
+            per_device_train_batch_size=settings.per_device_batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            max_length=settings.max_length,
+            bf16=False,  # CPU: TRL defaults to bf16, which needs a GPU
+            seed=settings.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+        )
+        peft_config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=list(settings.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        trainer.train()
+        trainer.model.save_pretrained(out)
+    return time.monotonic() - started
+
+
+def service_round(settings: Any, pairs: list[Any]) -> tuple[float, dict[str, float]]:
+    """One round of the real service (processor + runner) fed through Kafka."""
+    from onpolicy import messages as m
+    from onpolicy.bus import Producer, ensure_topics, read_topic
+    from onpolicy.settings import HttpSettings
+    from onpolicy.telemetry import Metrics, ServiceServer
+    from onpolicy_trainer.app import build
+
+    ensure_topics(settings.kafka, settings.topics)
+    metrics = Metrics("trainer")
+    processor = build(settings, metrics, ServiceServer("trainer", metrics, HttpSettings(port=0)))
+    runner = processor.runner  # type: ignore[attr-defined]
+    thread = threading.Thread(
+        target=processor.run, kwargs={"install_signal_handlers": False}, daemon=True
+    )
+    thread.start()
+    producer = Producer(settings.kafka)
+    try:
+        time.sleep(3)  # let the consumer join its group before the clock starts
+        started = time.monotonic()
+        for pair in pairs:
+            producer.send(settings.topics.name("pairs"), pair)
+        producer.flush()
+        deadline = started + 3600
+        while not (runner.rounds and runner.rounds[-1].published):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the service round did not publish within an hour")
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+    finally:
+        producer.close()
+        processor.stop()
+        thread.join(60)
+    [update] = [
+        r.message
+        for r in read_topic(settings.kafka, settings.topics.name("policy"), m.PolicyUpdate)
+    ]
+    assert update.version == 1 and update.num_pairs == len(pairs)
+    return seconds, dict(update.metrics)
+
+
+def run(args: Any) -> dict[str, Any]:
+    from onpolicy.settings import KafkaSettings, TopicSettings
+    from onpolicy.stack import KafkaBroker, ensure_default_model
+    from onpolicy.stack.settings import StackSettings
+    from onpolicy_trainer.pairs import to_row
+    from onpolicy_trainer.settings import TrainerSettings
+    from onpolicy_trainer.synthetic import make_pairs
+
+    n = PAIRS_QUICK if getattr(args, "quick", False) else PAIRS_FULL
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        tmp_path = Path(tmp)
+        stack = StackSettings(
+            state_dir=tmp_path / "stack",
+            kafka_port=_free_port(),
+            kafka_controller_port=_free_port(),
+        )
+        model = ensure_default_model(stack)
+        broker = None
+        bootstrap = os.environ.get("ONPOLICY_TEST_BOOTSTRAP")
+        if not bootstrap:
+            broker = KafkaBroker(stack)
+            broker.start()
+            bootstrap = broker.bootstrap
+        try:
+            settings = TrainerSettings(
+                kafka=KafkaSettings(bootstrap_servers=bootstrap, linger_ms=0),
+                topics=TopicSettings(prefix=f"bench-{uuid.uuid4().hex[:8]}.", partitions=2),
+                model=str(model),
+                checkpoint_uri=str(tmp_path / "ckpt"),
+                round_size=n,
+                max_length=192,
+                max_prompt_length=96,
+            )
+            pairs = make_pairs(n)
+            rows = [to_row(p) for p in pairs]
+            # Warm both paths alike: imports and the model files in the page cache.
+            plain_trl(settings, rows[:4], tmp_path / "warmup")
+            plain_s = plain_trl(settings, rows, tmp_path / "plain")
+            service_s, round_metrics = service_round(settings, pairs)
+        finally:
+            if broker is not None:
+                broker.stop()
+
+    plain_pps, service_pps = n / plain_s, n / service_s
+    ratio = service_pps / plain_pps
+    load = os.getloadavg()[0]
+    setup = (
+        f"SmolLM2-135M-Instruct, LoRA r={settings.lora_r} on {','.join(settings.target_modules)}, "
+        f"{n} synthetic pairs, batch {settings.per_device_batch_size}, max_length "
+        f"{settings.max_length}, 1 epoch, fp32 on {os.cpu_count()} CPU cores (load avg "
+        f"{load:.1f}); no GPU lent to this task"
+    )
+    return {
+        "ratio": round(ratio, 3),
+        "goal": 0.95,
+        "service_pairs_per_s": round(service_pps, 4),
+        "plain_trl_pairs_per_s": round(plain_pps, 4),
+        "service_seconds": round(service_s, 1),
+        "plain_trl_seconds": round(plain_s, 1),
+        "pairs": n,
+        "round_metrics": {k: round(v, 4) for k, v in round_metrics.items()},
+        "setup": setup,
+        "gpu": "none (CPU only; no GPU was lent to this task)",
+        "summary": (
+            f"trainer: service round {service_pps:.3f} pairs/s vs plain TRL DPOTrainer "
+            f"{plain_pps:.3f} pairs/s = {ratio:.2f}x (goal >= 0.95); {n} pairs, SmolLM2-135M "
+            f"LoRA r={settings.lora_r}, CPU only (no GPU lent), load avg {load:.1f}"
+        ),
+    }

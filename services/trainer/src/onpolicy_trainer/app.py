@@ -1,0 +1,60 @@
+"""Wiring: the processor over the pairs topic, the round runner, and the HTTP control routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Query, Response
+
+from onpolicy import messages as m
+from onpolicy.bus import Processor, ProcessorConfig, Producer
+from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_trainer.rounds import RoundRunner
+from onpolicy_trainer.settings import TrainerSettings
+
+
+def add_routes(server: ServiceServer, runner: RoundRunner) -> None:
+    def list_rounds() -> dict[str, Any]:
+        return {"current_version": runner.current, "rounds": [r.as_dict() for r in runner.rounds]}
+
+    def trigger(
+        response: Response, max_pairs: Annotated[int | None, Query(ge=1)] = None
+    ) -> dict[str, Any]:
+        result = runner.trigger_threadsafe(max_pairs=max_pairs)
+        response.status_code = 202 if result["triggered"] else 409
+        return result
+
+    server.app.add_api_route("/rounds", list_rounds, methods=["GET"])
+    server.app.add_api_route("/rounds/trigger", trigger, methods=["POST"])
+    server.app.add_api_route("/policy", runner.policy, methods=["GET"])
+
+
+def build(
+    settings: TrainerSettings,
+    metrics: Metrics,
+    server: ServiceServer,
+    runner: RoundRunner | None = None,
+) -> Processor[m.PreferencePair]:
+    """The trainer's processor; recovers the current version before consuming."""
+    producer = runner.producer if runner else Producer(settings.kafka, client_id=settings.group_id)
+    runner = runner or RoundRunner(settings, metrics, producer)
+    runner.recover()
+    processor = Processor(
+        kafka=settings.kafka,
+        source=settings.topics.name("pairs"),
+        message_type=m.PreferencePair,
+        handler=runner.handle,
+        # Two rounds' worth in flight: the next round buffers while this one trains.
+        config=ProcessorConfig(
+            group_id=settings.group_id,
+            concurrency=2 * settings.round_size,
+            drain_timeout_s=settings.drain_timeout_s,
+        ),
+        metrics=metrics,
+        dead_letter_topic=settings.topics.name("dlq"),
+        producer=producer,
+    )
+    processor.runner = runner  # type: ignore[attr-defined]  # for tests and the e2e loop
+    server.add_check("store", lambda: runner.store.fs.exists(runner.store.root))
+    add_routes(server, runner)
+    return processor

@@ -1,0 +1,234 @@
+"""One DPO round with TRL: the training core, callable without Kafka.
+
+``train_round(settings, rows, previous_adapter, output_dir)`` trains on ``rows`` (TRL's
+conversational prompt/chosen/rejected; extra columns are ignored) and saves the result to
+``output_dir``: a PEFT LoRA adapter (``save_pretrained``, loadable by vLLM at run time) or,
+with ``full_finetune``, a full model folder.
+
+Continuing the policy across rounds: with a LoRA, each round starts from the previous
+round's adapter weights. With ``reference="base"`` (the default) the adapter is built from
+the settings' LoRA config and the previous weights are loaded into it, so TRL computes the
+reference log-probs with the adapter disabled (the base model); with ``"previous"`` the
+adapter is loaded as a PEFT model, and TRL freezes a copy of it as the reference.
+The optimizer state does not carry over between rounds (a fresh AdamW each round).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onpolicy_trainer.pairs import Row
+from onpolicy_trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+# What the round reports: TRL's logged metrics, averaged over the round's steps.
+REWARD_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@dataclass
+class RoundResult:
+    metrics: dict[str, float]
+    output_dir: Path
+    num_pairs: int
+    seconds: float
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return len(ids)
+
+
+def truncate_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], max_tokens: int
+) -> list[dict[str, str]]:
+    """Cut the longest turn from its start until the templated prompt fits ``max_tokens``.
+
+    TRL 1.16 has no prompt limit of its own (it truncates the whole sequence from the end),
+    so a long prompt would leave no room for the completions the round compares.
+    """
+    messages = [dict(turn) for turn in messages]
+    for _ in range(4):  # re-tokenising at the cut may differ by a token; a few passes settle it
+        excess = _prompt_length(tokenizer, messages) - max_tokens
+        if excess <= 0:
+            return messages
+        longest = max(range(len(messages)), key=lambda i: len(messages[i]["content"]))
+        ids = tokenizer(messages[longest]["content"], add_special_tokens=False)["input_ids"]
+        keep = max(len(ids) - excess - 1, 1)
+        messages[longest]["content"] = tokenizer.decode(ids[-keep:])
+    return messages
+
+
+def _dataset(settings: TrainerSettings, tokenizer: Any, rows: Sequence[Row]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": truncate_prompt(
+                    tokenizer, list(row["prompt"]), settings.max_prompt_length
+                ),
+                "chosen": list(row["chosen"]),
+                "rejected": list(row["rejected"]),
+            }
+            for row in rows
+        ]
+    )
+
+
+def lora_config(settings: TrainerSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    """Copy a saved adapter's weights into the model's (identically configured) adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise ValueError(
+            f"the previous adapter in {adapter_dir} does not fit the LoRA settings "
+            f"(lora_r, target_modules): unexpected {unexpected[:3]}"
+        )
+
+
+def _round_metrics(history: list[dict[str, Any]], train_loss: float) -> dict[str, float]:
+    steps = [entry for entry in history if "rewards/margins" in entry]
+    metrics: dict[str, float] = {"loss": float(train_loss), "steps": float(len(steps))}
+    for key in REWARD_KEYS:
+        values = [float(entry[key]) for entry in steps if key in entry]
+        if values:
+            metrics[key] = sum(values) / len(values)
+            metrics[f"last/{key}"] = values[-1]
+    return metrics
+
+
+def train_round(
+    settings: TrainerSettings,
+    rows: Sequence[Row],
+    previous_adapter: str | Path | None,
+    output_dir: str | Path,
+) -> RoundResult:
+    """Run one DPO round on ``rows`` and save the policy to ``output_dir`` (a local folder).
+
+    ``previous_adapter`` is the local folder of the previous round's adapter (or full model
+    with ``full_finetune``), or None to start from the base model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    if not rows:
+        raise ValueError("a DPO round needs at least one pair")
+    started = time.monotonic()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    output_dir = Path(output_dir)
+    previous = Path(previous_adapter) if previous_adapter else None
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = _dataset(settings, tokenizer, rows)
+
+    ref_model = None
+    peft_config = None
+    if settings.full_finetune:
+        model = AutoModelForCausalLM.from_pretrained(str(previous or settings.model), dtype=dtype)
+        # The reference stays the base model across rounds, as with a LoRA's disabled adapter.
+        if previous is not None:
+            ref_model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+        if previous is not None and settings.reference == "previous":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+        else:
+            peft_config = lora_config(settings)
+
+    with tempfile.TemporaryDirectory(prefix="onpolicy-dpo-") as scratch:
+        config = DPOConfig(
+            output_dir=scratch,
+            beta=settings.beta,
+            loss_type=settings.loss_types,
+            learning_rate=settings.learning_rate,
+            num_train_epochs=settings.num_epochs,
+            per_device_train_batch_size=settings.per_device_batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            max_length=settings.max_length,
+            bf16=bf16,
+            seed=settings.seed,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        if previous is not None and peft_config is not None:
+            _load_adapter_weights(trainer.model, previous)
+        output = trainer.train()
+        history = list(trainer.state.log_history)
+
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        if settings.full_finetune:
+            trained.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+        else:
+            # Only the policy: TRL's frozen "ref" copy (reference="previous") is not saved.
+            trained.save_pretrained(output_dir, selected_adapters=["default"])
+
+    metrics = _round_metrics(history, output.training_loss)
+    seconds = time.monotonic() - started
+    metrics |= {"pairs": float(len(rows)), "seconds": seconds}
+    metrics["pairs_per_s"] = len(rows) / seconds if seconds > 0 else math.inf
+    log.info(
+        "DPO round on %d pairs in %.1fs: loss %.4f, margins %.4f, accuracy %.2f",
+        len(rows),
+        seconds,
+        metrics["loss"],
+        metrics.get("rewards/margins", math.nan),
+        metrics.get("rewards/accuracies", math.nan),
+    )
+    return RoundResult(metrics, output_dir, len(rows), seconds, history)

@@ -1,0 +1,382 @@
+"""Rounds: buffer streamed pairs, train, save, publish, and only then let offsets commit.
+
+The processor commits a record once its handler returns. The handler parks each admitted
+pair in the buffer and awaits its round's future; the round (training in a worker thread)
+saves the policy and dataset, publishes the PolicyUpdate, then resolves the futures. So a
+crash anywhere before the publish leaves every pair of the round uncommitted (redelivered),
+and the store and the policy topic tell a restarted trainer what was already done:
+
+- a saved round whose PolicyUpdate is missing from the topic is published, not retrained;
+- a version already in the topic is never published again;
+- redelivered pairs of a saved round are recognised by pair id (from the saved datasets)
+  and dropped as duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.struct_pb2 import Struct
+from kafka.errors import KafkaError
+
+from onpolicy import messages as m
+from onpolicy.bus import Output, Producer, Record, read_topic
+from onpolicy.telemetry import Metrics
+from onpolicy_trainer import hub
+from onpolicy_trainer.dpo import RoundResult, train_round
+from onpolicy_trainer.pairs import admit, min_version, to_row
+from onpolicy_trainer.settings import TrainerSettings
+from onpolicy_trainer.store import CheckpointStore, SavedRound
+
+log = logging.getLogger(__name__)
+
+# Test hook: SIGKILL the process at a named point of a round ("after_save", "after_publish"),
+# optionally only for one version ("after_save@2"). Used by the crash-safety tests.
+CRASH_ENV = "ONPOLICY_TRAINER_CRASH_AT"
+
+TrainFn = Callable[[TrainerSettings, list[dict[str, Any]], Path | None, Path], RoundResult]
+
+
+def _crash_point(stage: str, version: int) -> None:
+    wanted = os.environ.get(CRASH_ENV, "")
+    if not wanted:
+        return
+    name, _, at = wanted.partition("@")
+    if name == stage and (not at or int(at) == version):
+        log.error("test hook %s=%s: killing the trainer", CRASH_ENV, wanted)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class RoundInfo:
+    version: int
+    num_pairs: int
+    metrics: dict[str, float]
+    policy_uri: str
+    dataset_uri: str
+    created_unix_ms: int
+    published: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def policy_update(saved: SavedRound) -> m.PolicyUpdate:
+    """The PolicyUpdate of a saved round (the same record whether first sent or resent)."""
+    metrics = Struct()
+    metrics.update({k: float(v) for k, v in saved.meta.get("metrics", {}).items()})
+    update = m.PolicyUpdate(
+        version=saved.version,
+        base_model=saved.meta.get("base_model", ""),
+        metrics=metrics,
+        created_unix_ms=int(saved.meta.get("created_unix_ms", 0)),
+        num_pairs=int(saved.meta.get("num_pairs", 0)),
+    )
+    if saved.full_model:
+        update.checkpoint_uri = saved.uri
+    else:
+        update.adapter_uri = saved.uri
+    return m.validate(update)
+
+
+class RoundRunner:
+    """The trainer's state machine; ``handle`` is the processor's (async) handler."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        metrics: Metrics,
+        producer: Producer,
+        store: CheckpointStore | None = None,
+        train: TrainFn = train_round,
+    ):
+        self.settings = settings
+        self.producer = producer
+        self.store = store or CheckpointStore(settings.checkpoint_uri)
+        self.train = train
+        self.policy_topic = settings.topics.name("policy")
+        self.current = 0
+        self.latest: SavedRound | None = None
+        self.rounds: list[RoundInfo] = []
+        self.seen: set[str] = set()  # pair ids of saved rounds
+        self.claimed: set[str] = set()  # pair ids buffered or in the running round
+        self.buffer: list[tuple[m.PreferencePair, asyncio.Future[None]]] = []
+        self.dropped = {"stale": 0, "duplicate": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._force = False
+        self._force_size: int | None = None  # a triggered round's size (POST ?max_pairs=)
+        self._cache = Path(tempfile.gettempdir()) / "onpolicy-trainer-cache"
+
+        self.m_rounds = metrics.counter("rounds_total", "DPO rounds completed")
+        self.m_failures = metrics.counter("round_failures_total", "DPO rounds that failed")
+        self.m_round_s = metrics.histogram("round_seconds", "Round duration: train + save")
+        self.m_pairs = metrics.counter("pairs_trained_total", "Pairs trained on")
+        self.m_dropped = metrics.counter(
+            "pairs_dropped_total", "Pairs dropped before training", ("reason",)
+        )
+        self.m_buffer = metrics.gauge("buffer_pairs", "Pairs waiting for the next round")
+        self.m_fill = metrics.gauge("buffer_fill_ratio", "Buffered pairs / round_size")
+        self.m_version = metrics.gauge("policy_version", "Current policy version")
+        self.m_pairs_per_s = metrics.gauge("pairs_per_second", "Last round's pairs/s")
+        self.m_round = metrics.gauge("round_metric", "Last round's training metrics", ("name",))
+        for reason in self.dropped:
+            self.m_dropped.labels(reason)
+
+    # ------------------------------------------------------------------ start-up
+    def recover(self) -> None:
+        """Find the current version; publish saved-but-unpublished rounds; learn seen pairs."""
+        self.store.clean_incomplete()
+        saved = self.store.rounds()
+        published = {
+            r.message.version
+            for r in read_topic(self.producer.kafka, self.policy_topic, m.PolicyUpdate)
+        }
+        for round_ in saved:
+            self.seen.update(self.store.pair_ids(round_.version))
+            if round_.version not in published:
+                log.warning(
+                    "policy-v%d was saved but never published: publishing it", round_.version
+                )
+                self.producer.send_sync(self.policy_topic, policy_update(round_))
+                published.add(round_.version)
+            self.rounds.append(self._info(round_, published=True))
+        self.latest = saved[-1] if saved else None
+        self.current = max([0, *published, *(r.version for r in saved)])
+        if self.latest and self.latest.version < self.current:
+            log.warning(
+                "the policy topic is at v%d but the store only has up to v%d: continuing from it",
+                self.current,
+                self.latest.version,
+            )
+        self.m_version.set(self.current)
+        log.info(
+            "current policy v%d (%d saved rounds, %d known pair ids) in %s",
+            self.current,
+            len(saved),
+            len(self.seen),
+            self.store.uri(),
+        )
+
+    @staticmethod
+    def _info(saved: SavedRound, published: bool) -> RoundInfo:
+        return RoundInfo(
+            version=saved.version,
+            num_pairs=int(saved.meta.get("num_pairs", 0)),
+            metrics=dict(saved.meta.get("metrics", {})),
+            policy_uri=saved.uri,
+            dataset_uri=saved.dataset_uri,
+            created_unix_ms=int(saved.meta.get("created_unix_ms", 0)),
+            published=published,
+        )
+
+    # ------------------------------------------------------------------ the handler
+    async def handle(self, record: Record[m.PreferencePair]) -> list[Output]:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._lock = asyncio.Lock()
+        pair = record.message
+        # Buffered or training ids count as seen too (a second copy while the first waits).
+        if pair.id in self.claimed:
+            verdict = "duplicate"
+        else:
+            verdict = admit(pair, self.current, self.settings.max_staleness, self.seen)
+        if verdict != "ok":
+            self._drop(verdict, pair)
+            return []  # nothing to train: its offset may commit
+        future: asyncio.Future[None] = self._loop.create_future()
+        self.claimed.add(pair.id)
+        self.buffer.append((pair, future))
+        self._buffer_changed()
+        if len(self.buffer) >= self.settings.round_size:
+            self._schedule()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(self.settings.round_timeout_s, self._on_timeout)
+        await future  # resolved once the round is saved and published; raises if it failed
+        return []
+
+    def _drop(self, reason: str, pair: m.PreferencePair) -> None:
+        self.dropped[reason] += 1
+        self.m_dropped.labels(reason).inc()
+        log.debug("dropping %s pair %s (policy v%d)", reason, pair.id, pair.policy_version)
+
+    def _buffer_changed(self) -> None:
+        self.m_buffer.set(len(self.buffer))
+        self.m_fill.set(len(self.buffer) / self.settings.round_size)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.buffer:
+            log.info("round timeout: training on the %d buffered pairs", len(self.buffer))
+            self._schedule(force=True)
+
+    def _schedule(self, force: bool = False, max_pairs: int | None = None) -> None:
+        self._force = self._force or force
+        if max_pairs is not None:
+            self._force_size = max_pairs
+        if self._task is None or self._task.done():
+            assert self._loop is not None
+            self._task = self._loop.create_task(self._run_rounds())
+
+    async def _run_rounds(self) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            while self.buffer and (self._force or len(self.buffer) >= self.settings.round_size):
+                size = self.settings.round_size
+                if self._force and self._force_size:
+                    size = min(size, self._force_size)
+                self._force, self._force_size = False, None
+                batch = self.buffer[:size]
+                del self.buffer[: len(batch)]
+                self._buffer_changed()
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                await self._round(batch)
+            if self.buffer and self._timer is None and self._loop is not None:
+                self._timer = self._loop.call_later(self.settings.round_timeout_s, self._on_timeout)
+
+    # ------------------------------------------------------------------ one round
+    async def _round(self, batch: list[tuple[m.PreferencePair, asyncio.Future[None]]]) -> None:
+        version = self.current + 1
+        # Pairs buffered while the previous round trained may have gone stale since.
+        oldest = min_version(self.current, self.settings.max_staleness)
+        keep = []
+        for pair, future in batch:
+            if pair.policy_version < oldest:
+                self._drop("stale", pair)
+                self.claimed.discard(pair.id)
+                future.set_result(None)
+            else:
+                keep.append((pair, future))
+        if not keep:
+            return
+        pairs = [pair for pair, _ in keep]
+        started = time.monotonic()
+        try:
+            saved = await asyncio.to_thread(self._train_and_save, version, pairs)
+        except Exception as exc:
+            log.exception("round for policy-v%d failed; its pairs will be retried", version)
+            self.m_failures.inc()
+            for pair, future in keep:
+                self.claimed.discard(pair.id)
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        seconds = time.monotonic() - started
+        self.seen.update(p.id for p in pairs)
+        self.claimed.difference_update(p.id for p in pairs)
+        self.current = version
+        self.latest = saved
+        info = self._info(saved, published=False)
+        self.rounds.append(info)
+        _crash_point("after_save", version)
+
+        await self._publish(saved)
+        info.published = True
+        _crash_point("after_publish", version)
+
+        for _, future in keep:
+            if not future.done():
+                future.set_result(None)  # the processor may now commit these offsets
+        self.m_rounds.inc()
+        self.m_pairs.inc(len(pairs))
+        self.m_round_s.observe(seconds)
+        self.m_version.set(version)
+        self.m_pairs_per_s.set(len(pairs) / seconds if seconds > 0 else 0.0)
+        for name, value in info.metrics.items():
+            self.m_round.labels(name).set(value)
+
+    def _train_and_save(self, version: int, pairs: list[m.PreferencePair]) -> SavedRound:
+        rows = [to_row(p) for p in pairs]
+        previous = None
+        if self.latest is not None:
+            self._cache.mkdir(parents=True, exist_ok=True)
+            previous = self.store.fetch(self.latest, self._cache)
+        with tempfile.TemporaryDirectory(prefix="onpolicy-round-") as tmp:
+            result = self.train(self.settings, rows, previous, Path(tmp) / "policy")
+            meta = {
+                "metrics": result.metrics,
+                "num_pairs": len(rows),
+                "base_model": self.settings.model,
+                "full_finetune": self.settings.full_finetune,
+                "previous_version": self.latest.version if self.latest else 0,
+                "created_unix_ms": int(time.time() * 1000),
+                "settings": self.settings.model_dump(
+                    mode="json", exclude={"kafka", "topics", "log", "http"}
+                ),
+            }
+            saved = self.store.save_round(version, result.output_dir, rows, meta)
+        if self.settings.hub_repo_id:
+            try:
+                hub.push_round(self.settings, self.store, saved)
+            except Exception:  # the Hub is an extra copy: never block the loop on it
+                log.exception("pushing policy-v%d to the Hub failed", version)
+        return saved
+
+    async def _publish(self, saved: SavedRound) -> None:
+        """Publish the round's PolicyUpdate; retry until the broker takes it (never twice)."""
+        update = policy_update(saved)
+        backoff = 0.5
+        while True:
+            try:
+                await self.producer.send_async(self.policy_topic, update)
+                log.info("published policy-v%d (%s)", saved.version, saved.uri)
+                return
+            except KafkaError as exc:
+                log.warning("publishing policy-v%d failed (%s); retrying", saved.version, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            # The send may have landed even though we saw an error: look before resending.
+            try:
+                versions = await asyncio.to_thread(
+                    lambda: {
+                        r.message.version
+                        for r in read_topic(self.producer.kafka, self.policy_topic, m.PolicyUpdate)
+                    }
+                )
+            except Exception:
+                continue
+            if saved.version in versions:
+                return
+
+    # ------------------------------------------------------------------ control
+    async def trigger(self, max_pairs: int | None = None) -> dict[str, Any]:
+        """Run a round now with what is buffered (POST /rounds/trigger), or with the first
+        ``max_pairs`` buffered pairs (the rest wait for the next round)."""
+        if not self.buffer:
+            return {"triggered": False, "reason": "no pairs buffered", "version": self.current}
+        pairs = min(len(self.buffer), max_pairs or len(self.buffer), self.settings.round_size)
+        self._schedule(force=True, max_pairs=pairs)
+        return {"triggered": True, "pairs": pairs, "next_version": self.current + 1}
+
+    def trigger_threadsafe(
+        self, timeout: float = 10.0, max_pairs: int | None = None
+    ) -> dict[str, Any]:
+        if self._loop is None:  # no pair has been handled yet
+            return {"triggered": False, "reason": "no pairs buffered", "version": self.current}
+        return asyncio.run_coroutine_threadsafe(self.trigger(max_pairs), self._loop).result(timeout)
+
+    def policy(self) -> dict[str, Any]:
+        latest = self.latest
+        return {
+            "version": self.current,
+            "base_model": self.settings.model,
+            "policy_uri": latest.uri if latest and latest.version == self.current else None,
+            "full_finetune": self.settings.full_finetune,
+            "buffered_pairs": len(self.buffer),
+            "round_size": self.settings.round_size,
+            "dropped": dict(self.dropped),
+        }

@@ -1,0 +1,93 @@
+"""Settings of the trainer (``ONPOLICY_TRAINER_...``, or shared ``ONPOLICY_...``)."""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from onpolicy.settings import ServiceSettings
+from onpolicy.stack.settings import default_home
+
+
+def _default_model() -> str:
+    # `onpolicy up` exports ONPOLICY_MODEL_PATH for every service; otherwise the cached default.
+    if path := os.environ.get("ONPOLICY_MODEL_PATH"):
+        return path
+    return str(default_home() / "models" / "SmolLM2-135M-Instruct")
+
+
+class TrainerSettings(ServiceSettings):
+    """Trainer: DPO rounds with TRL on streamed preference pairs, publishing LoRA policies."""
+
+    service: ClassVar[str] = "trainer"
+
+    model: str = Field(
+        default_factory=_default_model,
+        description="base model folder (default ONPOLICY_MODEL_PATH or the cached SmolLM2)",
+    )
+    checkpoint_uri: str = Field(
+        "./checkpoints", description="local folder or fsspec URI for adapters and datasets"
+    )
+    group_id: str = Field("trainer", description="Kafka consumer group")
+
+    # Rounds
+    round_size: int = Field(64, ge=1, description="pairs per DPO round")
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="run a round with what is buffered after this many seconds"
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, wait this long for a running round to publish"
+    )
+    max_staleness: int = Field(
+        0, ge=0, description="accept pairs sampled from up to this many versions back"
+    )
+
+    # DPO (TRL DPOConfig)
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type(s), comma separated")
+    learning_rate: float = Field(1e-4, gt=0)
+    num_epochs: float = Field(1.0, gt=0)
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(320, ge=16, description="prompt + completion tokens")
+    max_prompt_length: int = Field(
+        192, ge=8, description="prompt tokens (longest message is cut from its start)"
+    )
+    reference: Literal["base", "previous"] = Field(
+        "base",
+        description="DPO reference: the base model (adapter disabled) or the previous policy",
+    )
+
+    # LoRA (PEFT)
+    full_finetune: bool = Field(False, description="train every weight instead of a LoRA")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="modules given a LoRA",
+    )
+
+    seed: int = 0
+    torch_threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+
+    # Optional Hugging Face Hub export (needs the `hub` extra and a token)
+    hub_repo_id: str | None = Field(
+        None, description="push each round's adapter and dataset to this Hub repo"
+    )
+    hub_private: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self) -> TrainerSettings:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below "
+                f"max_length ({self.max_length})"
+            )
+        return self
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [part.strip() for part in self.loss_type.split(",") if part.strip()]

@@ -1,0 +1,295 @@
+"""The trainer against the real broker, real TRL on SmolLM2-135M, and the real vLLM server.
+
+Rounds are tiny (8 pairs, max_length 128) so that each trains in well under a minute on
+two shared cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+from _util import committed, running, wait_records, wait_until
+from fastapi.testclient import TestClient
+
+from onpolicy import messages as m
+from onpolicy.bus import Producer, read_topic
+from onpolicy.settings import HttpSettings
+from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_trainer.app import build
+from onpolicy_trainer.rounds import CRASH_ENV
+from onpolicy_trainer.settings import TrainerSettings
+from onpolicy_trainer.synthetic import make_pairs
+
+ROUND = 8
+TINY = {"max_length": 128, "max_prompt_length": 64, "learning_rate": 2e-4}
+
+
+def settings_for(kafka, topics, model_dir: Path, checkpoints: Path, **overrides) -> TrainerSettings:
+    values = {
+        "kafka": kafka,
+        "topics": topics,
+        "model": str(model_dir),
+        "checkpoint_uri": str(checkpoints),
+        "group_id": f"{topics.prefix}trainer",
+        "round_size": ROUND,
+    }
+    return TrainerSettings(**(values | TINY | overrides))
+
+
+def service(settings: TrainerSettings):
+    metrics = Metrics("trainer")
+    server = ServiceServer("trainer", metrics, HttpSettings(port=0))
+    processor = build(settings, metrics, server)
+    return processor, TestClient(server.app), metrics
+
+
+def publish(kafka, topic: str, messages) -> None:
+    producer = Producer(kafka)
+    try:
+        for message in messages:
+            producer.send_sync(topic, message)
+    finally:
+        producer.close()
+
+
+def test_round_from_kafka_trains_saves_publishes_and_loads_into_vllm(
+    kafka, topics, model_dir, vllm_server, tmp_path
+):
+    settings = settings_for(kafka, topics, model_dir, tmp_path / "ckpt")
+    pairs = make_pairs(ROUND, policy_version=0)
+    publish(kafka, topics.name("pairs"), pairs)
+    processor, client, metrics = service(settings)
+    assert client.get("/policy").json()["version"] == 0
+
+    with running(processor):
+        [record] = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 1, timeout=600)
+        # Offsets are committed only after the PolicyUpdate is out.
+        wait_until(
+            lambda: (
+                sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == ROUND
+            ),
+            timeout=30,
+            what="offsets committed",
+        )
+        rounds = client.get("/rounds").json()
+        policy = client.get("/policy").json()
+
+    update = record.message
+    metrics_ = dict(update.metrics)
+    assert (update.version, update.num_pairs, update.base_model) == (1, ROUND, str(model_dir))
+    assert math.isfinite(metrics_["loss"])
+    assert metrics_["rewards/margins"] > 0, metrics_
+    assert metrics_["pairs"] == ROUND and metrics_["seconds"] > 0
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+        assert math.isfinite(metrics_[key])
+    adapter = Path(update.adapter_uri)
+    assert adapter == tmp_path / "ckpt" / "policy-v1"
+    assert (adapter / "adapter_model.safetensors").exists()
+
+    table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-1.parquet")
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(p.id for p in pairs)
+    row = table.slice(0, 1).to_pylist()[0]
+    assert row["chosen"][0]["role"] == "assistant" and row["prompt"][-1]["role"] == "user"
+
+    assert rounds["current_version"] == 1
+    assert [r["version"] for r in rounds["rounds"]] == [1]
+    assert rounds["rounds"][0]["published"] is True
+    assert policy["version"] == 1 and policy["policy_uri"] == str(adapter)
+    assert metrics.registry.get_sample_value("onpolicy_trainer_policy_version") == 1
+
+    # The adapter loads into vLLM at run time and serves a chat completion.
+    name = f"{topics.prefix}policy-v1"
+    with httpx.Client(base_url=vllm_server, timeout=120) as http:
+        loaded = http.post(
+            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter)}
+        )
+        assert loaded.status_code == 200, loaded.text
+        reply = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": name,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"].strip()
+        assert reply.json()["model"] == name
+
+
+def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
+    kafka, topics, model_dir, tmp_path
+):
+    # The policy topic already holds v1 (e.g. an earlier trainer): the trainer starts there.
+    earlier = m.PolicyUpdate(version=1, adapter_uri="/nonexistent/policy-v1", base_model="b")
+    publish(kafka, topics.name("policy"), [earlier])
+    settings = settings_for(kafka, topics, model_dir, tmp_path / "ckpt", round_size=100)
+    stale = make_pairs(2, policy_version=0)
+    [fresh] = make_pairs(1, policy_version=1, round_=7)
+    publish(kafka, topics.name("pairs"), [*stale, fresh, fresh])  # the second is a duplicate
+    processor, client, metrics = service(settings)
+
+    def dropped(reason: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "onpolicy_trainer_pairs_dropped_total", {"reason": reason}
+        )
+        return value or 0.0
+
+    with running(processor):
+        wait_until(lambda: dropped("stale") == 2, timeout=60, what="stale pairs dropped")
+        wait_until(
+            lambda: len(processor.runner.buffer) == 1, timeout=30, what="fresh pair buffered"
+        )
+        assert client.get("/policy").json()["buffered_pairs"] == 1
+        # The second copy arrives while the first is buffered: the trainer drops it by id.
+        wait_until(lambda: dropped("duplicate") == 1, timeout=30, what="duplicate dropped")
+        # The buffered pair holds its partition's offset: only the two stale ones commit.
+        wait_until(
+            lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 2,
+            timeout=30,
+            what="stale offsets committed",
+        )
+        response = client.post("/rounds/trigger")
+        assert response.status_code == 202, response.text
+        assert response.json() == {"triggered": True, "pairs": 1, "next_version": 2}
+        records = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 2, timeout=600)
+        wait_until(
+            lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 4,
+            timeout=30,
+            what="all offsets committed",
+        )
+        assert client.post("/rounds/trigger").status_code == 409  # nothing buffered now
+
+    assert [r.message.version for r in records] == [1, 2]
+    assert records[1].message.num_pairs == 1
+    table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-2.parquet")
+    assert table.column("pair_id").to_pylist() == [fresh.id]
+    assert dropped("stale") == 2
+
+
+# ---------------------------------------------------------------------- crash safety
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_trainer(kafka, topics, model_dir, checkpoints, crash_at: str | None, port: int):
+    env = {
+        **os.environ,
+        "ONPOLICY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "ONPOLICY_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "ONPOLICY_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+        "ONPOLICY_TOPICS__PREFIX": topics.prefix,
+        "ONPOLICY_TOPICS__PARTITIONS": str(topics.partitions),
+        "ONPOLICY_TRAINER_MODEL": str(model_dir),
+        "ONPOLICY_TRAINER_CHECKPOINT_URI": str(checkpoints),
+        "ONPOLICY_TRAINER_GROUP_ID": f"{topics.prefix}trainer",
+        "ONPOLICY_TRAINER_ROUND_SIZE": str(ROUND),
+        "ONPOLICY_TRAINER_MAX_LENGTH": str(TINY["max_length"]),
+        "ONPOLICY_TRAINER_MAX_PROMPT_LENGTH": str(TINY["max_prompt_length"]),
+        "ONPOLICY_TRAINER_LEARNING_RATE": str(TINY["learning_rate"]),
+        "ONPOLICY_TRAINER_HTTP__PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop(CRASH_ENV, None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.Popen([sys.executable, "-m", "onpolicy_trainer"], env=env)
+
+
+def versions(kafka, topics) -> list[int]:
+    return [r.message.version for r in read_topic(kafka, topics.name("policy"), m.PolicyUpdate)]
+
+
+def scrape(port: int, name: str, **labels: str) -> float:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:  # still starting: no server yet
+        return -1.0
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_kill_between_save_publish_and_commit_loses_nothing_and_repeats_nothing(
+    kafka, topics, model_dir, tmp_path
+):
+    ckpt = tmp_path / "ckpt"
+    batches = [make_pairs(ROUND, policy_version=v, round_=10 * v) for v in range(3)]
+    pairs_topic = topics.name("pairs")
+    procs: list[subprocess.Popen] = []
+    try:
+        # 1) Killed after saving policy-v1, before publishing it.
+        publish(kafka, pairs_topic, batches[0])
+        proc = start_trainer(kafka, topics, model_dir, ckpt, "after_save@1", free_port())
+        procs.append(proc)
+        assert proc.wait(timeout=600) == -signal.SIGKILL
+        assert (ckpt / "policy-v1" / "round.json").exists()
+        assert versions(kafka, topics) == []
+
+        # 2) Restart: v1 is published from the store, not retrained; its redelivered pairs
+        #    are dropped by id. Killed after publishing v2, before committing its pairs.
+        port = free_port()
+        proc = start_trainer(kafka, topics, model_dir, ckpt, "after_publish@2", port)
+        procs.append(proc)
+        wait_until(lambda: versions(kafka, topics) == [1], timeout=120, what="v1 published")
+        wait_until(
+            lambda: (
+                scrape(port, "onpolicy_trainer_pairs_dropped_total", reason="duplicate") == ROUND
+            ),
+            timeout=120,
+            what="redelivered round-1 pairs dropped",
+        )
+        publish(kafka, pairs_topic, batches[1])
+        assert proc.wait(timeout=600) == -signal.SIGKILL
+        assert versions(kafka, topics) == [1, 2]
+
+        # 3) Restart: nothing is republished; round 2's uncommitted pairs are dropped by id.
+        port = free_port()
+        proc = start_trainer(kafka, topics, model_dir, ckpt, None, port)
+        procs.append(proc)
+        wait_until(
+            lambda: (
+                scrape(port, "onpolicy_trainer_pairs_dropped_total", reason="duplicate") == ROUND
+            ),
+            timeout=120,
+            what="redelivered round-2 pairs dropped",
+        )
+        publish(kafka, pairs_topic, batches[2])
+        wait_until(lambda: 3 in versions(kafka, topics), timeout=600, what="v3 published")
+        wait_until(
+            lambda: (
+                sum(committed(kafka, f"{topics.prefix}trainer", pairs_topic).values()) == 3 * ROUND
+            ),
+            timeout=30,
+            what="every offset committed",
+        )
+        rounds = httpx.get(f"http://127.0.0.1:{port}/rounds", timeout=5).json()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    assert versions(kafka, topics) == [1, 2, 3]
+    assert [r["version"] for r in rounds["rounds"]] == [1, 2, 3]
+    trained = []
+    for version, batch in enumerate(batches, start=1):
+        ids = pq.read_table(ckpt / "datasets" / f"round-{version}.parquet").column("pair_id")
+        assert sorted(ids.to_pylist()) == sorted(p.id for p in batch)
+        trained += ids.to_pylist()
+    assert len(trained) == len(set(trained)) == 3 * ROUND
