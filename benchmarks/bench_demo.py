@@ -42,7 +42,7 @@ def run(args: Any) -> dict[str, Any]:
 
     on_gain, off_gain = gain(on), gain(off)
     summary = (
-        f"**Demo loop** (`python -m benchmarks demo`, {settings.rounds} rounds × "
+        f"**Demo loop** (`python -m benchmarks demo`, {settings.rounds} rounds x "
         f"{settings.prompts_per_round} prompts, N={settings.num_samples}, "
         f"{settings.eval_size} held-out prompts, `concise` judge): held-out reward "
         f"on-policy {curve(on)} ({on_gain:+.3f})"
