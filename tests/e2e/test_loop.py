@@ -37,7 +37,7 @@ def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
         max_tokens=40,
         runs_dir=tmp_path_factory.mktemp("runs"),
         run_id="e2e",
-        trainer={"max_length": 192, "per_device_batch_size": 2},
+        trainer={"max_length": 192, "max_prompt_length": 96, "per_device_batch_size": 2},
     )
     stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
     runner = Runner(settings, stack, status=lambda *a, **k: None)

@@ -194,6 +194,13 @@ class Processor(Generic[M]):
         self.m_lag = metrics.gauge(
             "consumer_lag", "Records behind the end of the partition", ("topic", "partition")
         )
+        # Export the labelled series at zero from the start: dashboards and alerts then see
+        # "none yet" instead of "no data".
+        self.m_dupes.labels(source)
+        self.m_produced.labels(dead_letter_topic)
+        for kind in ("decode", "invalid", "processing", "too_large"):
+            self.m_dead.labels(source, kind)
+        self.m_retries.labels(source, "transient")
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, install_signal_handlers: bool = True) -> None:
@@ -434,4 +441,5 @@ class Processor(Generic[M]):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff_s)
         self.m_dead.labels(topic, kind).inc()
+        self.m_produced.labels(self.dead_letter_topic).inc()
         return True

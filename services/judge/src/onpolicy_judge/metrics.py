@@ -20,9 +20,7 @@ class JudgeMetrics:
         self.scores = metrics.histogram(
             "score", "Scores given to completions", ("backend",), buckets=SCORE_BUCKETS
         )
-        self.latency = metrics.histogram(
-            "judge_latency_seconds", "Time to score one group", ("backend",)
-        )
+        self.latency = metrics.histogram("latency_seconds", "Time to score one group", ("backend",))
         self.parse_failures = metrics.counter(
             "parse_failures_total", "LLM-judge answers that could not be parsed", ("reason",)
         )

@@ -132,6 +132,17 @@ class RoundRunner:
         self.m_version = metrics.gauge("policy_version", "Current policy version")
         self.m_pairs_per_s = metrics.gauge("pairs_per_second", "Last round's pairs/s")
         self.m_round = metrics.gauge("round_metric", "Last round's training metrics", ("name",))
+        # The DPO headline figures, one gauge each (what dashboards plot per round).
+        self.m_headline = {
+            key: metrics.gauge(key.replace("/", "_"), f"Last round's {key} (TRL)")
+            for key in (
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/margins",
+                "rewards/accuracies",
+            )
+        }
         for reason in self.dropped:
             self.m_dropped.labels(reason)
 
@@ -298,6 +309,8 @@ class RoundRunner:
         self.m_pairs_per_s.set(len(pairs) / seconds if seconds > 0 else 0.0)
         for name, value in info.metrics.items():
             self.m_round.labels(name).set(value)
+            if name in self.m_headline:
+                self.m_headline[name].set(value)
 
     def _train_and_save(self, version: int, pairs: list[m.PreferencePair]) -> SavedRound:
         rows = [to_row(p) for p in pairs]
