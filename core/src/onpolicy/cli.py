@@ -382,9 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
             "stack and the three services, runs the rounds and writes "
             "runs/<id>/ (report.json, report.png, pairs.parquet, adapters).",
         )
+        from onpolicy.run.settings import RunSettings
+
         for flag, kind in RUN_FLAGS.items():
+            field = RunSettings.model_fields[flag]
+            default = (
+                ""
+                if field.default_factory or field.default is None
+                else (f" (default {field.default})")
+            )
             run.add_argument(
-                "--" + flag.replace("_", "-"), type=kind, dest=flag, help=f"(setting run.{flag})"
+                "--" + flag.replace("_", "-"),
+                type=kind,
+                dest=flag,
+                help=f"{field.description or flag}{default}",
             )
         run.add_argument(
             "--compare-offpolicy",
