@@ -218,6 +218,10 @@ class Runner:
                     try:
                         off.start()
                         self.off_policy(off, [r.pairs for r in on.rounds[:-1]])
+                    except (RuntimeError, TimeoutError) as exc:
+                        # The comparison failing must not lose the on-policy run's report.
+                        log.exception("off-policy comparison failed")
+                        self.status(f"off-policy comparison failed: {exc}", final=True)
                     finally:
                         off.stop()
         except KeyboardInterrupt:
