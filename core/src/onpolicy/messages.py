@@ -36,6 +36,7 @@ __all__ = [
     "SamplingParams",
     "ScoredGroup",
     "Timings",
+    "chat_turns",
     "record_id",
     "validate",
 ]
@@ -121,6 +122,19 @@ _VALIDATORS: dict[str, Callable[[Message], None]] = {
     PolicyUpdate.DESCRIPTOR.full_name: _policy,
     DeadLetter.DESCRIPTOR.full_name: _dead_letter,
 }
+
+
+def chat_turns(prompt: Prompt) -> list[dict[str, str]]:
+    """The prompt as OpenAI-style turns: the system prompt (if any), then the chat turns, or
+    the raw text as one user turn (what the judge scores and the trainer trains on)."""
+    turns: list[dict[str, str]] = []
+    if prompt.HasField("system_prompt") and prompt.system_prompt:
+        turns.append({"role": "system", "content": prompt.system_prompt})
+    if prompt.messages:
+        turns.extend({"role": t.role, "content": t.content} for t in prompt.messages)
+    else:
+        turns.append({"role": "user", "content": prompt.text})
+    return turns
 
 
 def validate(message: Message) -> Message:

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from onpolicy import messages as m
 
-
-def prompt_messages(prompt: m.Prompt) -> list[dict[str, str]]:
-    """OpenAI-style turns: the system prompt (if any), then the chat turns or the raw text."""
-    turns: list[dict[str, str]] = []
-    if prompt.HasField("system_prompt") and prompt.system_prompt:
-        turns.append({"role": "system", "content": prompt.system_prompt})
-    if prompt.messages:
-        turns.extend({"role": t.role, "content": t.content} for t in prompt.messages)
-    else:
-        turns.append({"role": "user", "content": prompt.text})
-    return turns
+# Kept under this name for the judge's modules; the one implementation lives in the core.
+prompt_messages = m.chat_turns
 
 
 def instruction_text(prompt: m.Prompt) -> str:

@@ -25,17 +25,8 @@ COLUMNS = (
 )
 
 
-def prompt_messages(prompt: m.Prompt) -> list[dict[str, str]]:
-    """The prompt as chat turns, as the sampler sent it to vLLM (system prompt first)."""
-    turns: list[dict[str, str]] = []
-    if prompt.HasField("system_prompt") and prompt.system_prompt:
-        turns.append({"role": "system", "content": prompt.system_prompt})
-    if prompt.messages:
-        turns.extend({"role": t.role, "content": t.content} for t in prompt.messages)
-    else:
-        # A raw-text prompt went to /v1/completions; as a chat turn it keeps the same words.
-        turns.append({"role": "user", "content": prompt.text})
-    return turns
+# The prompt as chat turns, as the sampler sent it to vLLM (the core's one implementation).
+prompt_messages = m.chat_turns
 
 
 def to_row(pair: m.PreferencePair) -> Row:
