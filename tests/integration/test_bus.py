@@ -232,6 +232,40 @@ def test_slow_handler_beyond_max_poll_interval_causes_no_rebalance(kafka, topics
     assert len(list(read_topic(kafka, topics.name("completions"), m.CompletionGroup))) == 1
 
 
+def test_member_joining_mid_work_lets_in_flight_records_finish_and_commit(kafka, topics):
+    """A rebalance waits for in-flight records (heartbeating meanwhile), commits, hands over."""
+    quick = kafka.model_copy(update={"session_timeout_ms": 3000, "heartbeat_interval_ms": 300})
+
+    async def slow(record):
+        import asyncio
+
+        await asyncio.sleep(4)  # longer than the session timeout
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    first = make_processor(quick, topics, slow, concurrency=8)
+    second = make_processor(quick, topics, slow, concurrency=8)
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    for i in range(8):
+        value, headers = encode(m.validate(m.Prompt(text=f"p{i}")))
+        raw.send(topics.name("prompts"), value, headers=headers, partition=i % 2).get(30)
+    raw.close()
+    with running(first):
+        wait_until(lambda: first._offsets.in_flight() == 8, what="all records in flight")
+        with running(second):
+            wait_until(lambda: first.revocations >= 1, what="a rebalance")
+            wait_until(
+                lambda: (
+                    sum(committed(kafka, first.config.group_id, topics.name("prompts")).values())
+                    == 8
+                ),
+                timeout=60,
+                what="commits",
+            )
+    outputs = list(read_topic(kafka, topics.name("completions"), m.CompletionGroup))
+    # Had the first member been evicted mid-drain, the second would have redone its records.
+    assert sorted(r.message.prompt.text for r in outputs) == [f"p{i}" for i in range(8)]
+
+
 def test_concurrent_handlers_commit_only_finished_prefix(kafka, topics):
     release = threading.Event()
 

@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 from kafka import KafkaConsumer
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -129,15 +129,27 @@ class _Offsets:
                 self.committed.pop(tp, None)
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """Rebalance hooks; async because kafka-python 3 runs them on the loop that heartbeats.
+
+    A sync hook that waited for in-flight records would stop heartbeats (the member is then
+    evicted mid-rebalance) and may not call blocking consumer APIs such as ``commit()`` at all.
+    """
+
     def __init__(self, processor: Processor):
         self.processor = processor
 
-    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         if revoked:  # kafka-python also calls this, empty, before the first join
-            self.processor._on_revoked(list(revoked))
+            await self.processor._on_revoked(list(revoked))
 
-    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
+        # The group has already moved on: a commit would be refused, and the next owner
+        # re-reads from the last commit. Outputs of in-flight records keep their keys, so
+        # any duplicate they cause is dropped downstream by id.
+        self.processor._on_lost(list(lost))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
@@ -226,7 +238,14 @@ class Processor(Generic[M]):
             while not self._stop.is_set():
                 free = self.config.concurrency - self._offsets.in_flight()
                 self._pause_if(consumer, full=free <= 0)
-                batch = consumer.poll(timeout_ms=100, max_records=max(free, 1))
+                try:
+                    batch = consumer.poll(timeout_ms=100, max_records=max(free, 1))
+                except KafkaError as exc:
+                    # e.g. a rebalance that failed part-way: the consumer rejoins on the next
+                    # poll, so keep going rather than let the service die with work pending.
+                    log.warning("poll failed, rejoining: %s", exc)
+                    time.sleep(0.5)
+                    continue
                 self.kafka_connected = self._connected(consumer)
                 for tp, records in batch.items():
                     for raw in records:
@@ -314,13 +333,32 @@ class Processor(Generic[M]):
         if left := self._offsets.in_flight(tps):
             log.warning("%d records unfinished after drain; they will be redelivered", left)
 
-    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Runs on kafka-python's IO loop, so it waits and commits with that loop's own
+        # awaitables (keeping heartbeats going) rather than time.sleep or consumer.commit.
         if not self._stop.is_set():  # leaving the group at shutdown is no rebalance
             self.revocations += 1
-        if self._consumer is not None and revoked:
-            self._drain(revoked)
-            self._commit(self._consumer, revoked)
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None:
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            while self._offsets.in_flight(revoked) and time.monotonic() < deadline:
+                await coordinator._net.sleep(0.05)
+            if left := self._offsets.in_flight(revoked):
+                log.warning("%d records unfinished at revoke; they will be redelivered", left)
+            positions = self._offsets.to_commit(revoked)
+            if positions:
+                offsets = {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()}
+                try:
+                    await coordinator._commit_offsets_sync_async(offsets)
+                except KafkaError as exc:
+                    log.warning("commit at revoke failed (records will be redelivered): %s", exc)
         self._offsets.forget(revoked)
+
+    def _on_lost(self, lost: list[TopicPartition]) -> None:
+        if not self._stop.is_set():
+            self.revocations += 1
+        log.warning("lost %d partitions (evicted from the group); not committing", len(lost))
+        self._offsets.forget(lost)
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
         for tp in consumer.assignment():
