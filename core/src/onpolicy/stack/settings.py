@@ -37,6 +37,17 @@ class StackSettings(ServiceSettings):
     vllm_kv_cache_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU")
     vllm_max_model_len: int = Field(2048, ge=128)
     vllm_max_lora_rank: int = Field(16, ge=1)
+    vllm_dtype: str = Field(
+        "auto",
+        description="model dtype on the CPU; auto: bfloat16 where the CPU computes it natively "
+        "(AVX512-BF16/AMX), else float32 (bfloat16 emulated on AVX2 is ~3x slower)",
+    )
+    vllm_cpu_threads: str = Field(
+        "all",
+        description="VLLM_CPU_OMP_THREADS_BIND on the CPU; all: every CPU this process may use, "
+        "none reserved (vLLM's own 'auto' keeps one core for its scheduler, half of a "
+        "2-core machine); or 'auto', 'nobind', or a list such as 0-7",
+    )
     vllm_extra_args: list[str] = Field(default_factory=list)
     torch_index_url: str | None = Field(
         None, description="extra index for torch (e.g. the PyTorch CPU index)"

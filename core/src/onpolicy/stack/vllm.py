@@ -8,6 +8,7 @@ is installed; its torch (``+cpu``) comes from ``UV_FIND_LINKS`` or ``torch_index
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,34 @@ def has_gpu() -> bool:
         return subprocess.run([smi, "-L"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def cpu_dtype(setting: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The ``--dtype`` for vLLM on this CPU: bfloat16 only where it is computed natively."""
+    if setting != "auto":
+        return setting
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        flags = set()
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
+def cpu_thread_env(setting: str, cpus: set[int] | None = None) -> dict[str, str]:
+    """vLLM's OpenMP binding for ``setting`` (see ``StackSettings.vllm_cpu_threads``)."""
+    if setting != "all":
+        return {"VLLM_CPU_OMP_THREADS_BIND": setting}
+    ids = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    ranges: list[str] = []
+    start = prev = ids[0]
+    for cpu in [*ids[1:], None]:
+        if cpu is not None and cpu == prev + 1:
+            prev = cpu
+            continue
+        ranges.append(str(start) if start == prev else f"{start}-{prev}")
+        if cpu is not None:
+            start = prev = cpu
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(ranges), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def uv_binary() -> str:
@@ -152,8 +181,9 @@ class VllmServer:
             "DO_NOT_TRACK": "1",
         }
         if not has_gpu():
-            cmd += ["--dtype", "bfloat16"]
+            cmd += ["--dtype", cpu_dtype(s.vllm_dtype)]
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.vllm_kv_cache_gib)
+            env.update(cpu_thread_env(s.vllm_cpu_threads))
         self.process.start(cmd, env=env, cwd=s.state)
         return self.process.wait_until(self.ready, timeout, "ready")
 
