@@ -33,3 +33,17 @@ def test_service_help_lists_settings_with_their_variables():
     assert result.returncode == 0
     assert "ONPOLICY_SAMPLER_VLLM_URL=" in result.stdout
     assert "ONPOLICY_SAMPLER_KAFKA__BOOTSTRAP_SERVERS=" in result.stdout
+
+
+def test_progress_is_printed_as_lines_without_a_terminal(capsys):
+    from onpolicy import cli
+
+    status = cli._Status(every_s=3600)
+    with status:
+        status("[r] round 1: sampling 1/8 groups, 90 tok/s")
+        status("[r] round 1: sampling 2/8 groups, 95 tok/s")  # same stage, too soon
+        status("[r] round 1: judging 8/8 groups, 95 tok/s")
+        status("round table", final=True)
+    out = capsys.readouterr().err  # progress goes to stderr, results to stdout
+    assert "sampling 1/8" in out and "judging 8/8" in out and "round table" in out
+    assert "sampling 2/8" not in out

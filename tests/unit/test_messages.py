@@ -59,3 +59,28 @@ def test_group_scored_pair_policy_ids():
     assert update.id == "policy-v3"
     with pytest.raises(InvalidRecord, match="neither"):
         m.validate(m.PolicyUpdate(version=3))
+
+
+def test_model_input_is_what_the_policy_sees():
+    chat = m.Prompt(messages=[m.ChatMessage(role="user", content="Hi")], system_prompt="Be brief.")
+    assert m.model_input(chat) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+    own = m.Prompt(
+        messages=[
+            m.ChatMessage(role="system", content="Mine."),
+            m.ChatMessage(role="user", content="Hi"),
+        ],
+        system_prompt="Be brief.",
+    )
+    assert [t["content"] for t in m.model_input(own)] == ["Mine.", "Hi"]  # no second system
+    text = m.Prompt(text="Once upon", system_prompt="Story:")
+    assert m.model_input(text) == "Story:\n\nOnce upon"
+    assert m.model_input(m.Prompt(text="Once upon")) == "Once upon"
+    # Judges need a conversation: raw text becomes one user turn after the system prompt.
+    assert m.chat_turns(text) == [
+        {"role": "system", "content": "Story:"},
+        {"role": "user", "content": "Once upon"},
+    ]
+    assert m.chat_turns(own) == m.model_input(own)

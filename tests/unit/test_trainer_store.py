@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from onpolicy.settings import ConfigError, load_settings
-from onpolicy_trainer.pairs import COLUMNS, admit, to_row
+from onpolicy_trainer.pairs import COLUMNS, admit, to_row, to_rows
 from onpolicy_trainer.settings import TrainerSettings
-from onpolicy_trainer.store import MARKER, CheckpointStore
+from onpolicy_trainer.store import MARKER, CheckpointStore, rows_table
 from onpolicy_trainer.synthetic import make_pairs
 
 
@@ -34,15 +34,25 @@ def test_rows_are_trl_conversational_with_metadata():
     assert (row["pair_id"], row["policy_version"]) == (pair.id, 3)
 
 
-def test_system_prompt_and_text_prompts_become_chat_turns():
+def test_text_prompts_train_as_sampled_in_trl_standard_format():
     pair = make_pairs(1)[0]
     pair.prompt.ClearField("messages")
     pair.prompt.text = "Say hi."
     pair.prompt.system_prompt = "Be brief."
-    assert to_row(pair)["prompt"] == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Say hi."},
-    ]
+    row = to_row(pair)
+    # The sampler sent this text to /v1/completions, so DPO must not wrap it in a template.
+    assert row["prompt"] == "Be brief.\n\nSay hi."
+    assert (row["chosen"], row["rejected"]) == (pair.chosen, pair.rejected)
+
+
+def test_a_round_mixing_chat_and_text_prompts_uses_one_format():
+    chat, text = make_pairs(2)
+    text.prompt.ClearField("messages")
+    text.prompt.text = "Say hi."
+    rows = to_rows([chat, text])
+    assert rows[1]["prompt"] == [{"role": "user", "content": "Say hi."}]
+    assert rows_table(rows).num_rows == 2  # one Parquet schema
+    assert to_rows([text])[0]["prompt"] == "Say hi."
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -159,23 +160,40 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 class _Status:
-    """One live status line for long work; ``final=True`` prints a line that stays."""
+    """One live status line for long work; ``final=True`` prints a line that stays.
 
-    def __init__(self) -> None:
+    Without a terminal (CI, ``kubectl logs``, a file) a live line shows nothing, so progress
+    is printed as plain lines instead: on each new stage and at most every ``every_s``.
+    """
+
+    def __init__(self, every_s: float = 15.0) -> None:
         self._status = console.status("starting")
+        self._live = console.is_terminal
+        self._every_s = every_s
+        self._last_key = ""
+        self._last_at = 0.0
 
     def __enter__(self) -> _Status:
-        self._status.__enter__()
+        if self._live:
+            self._status.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._status.__exit__(*exc)
+        if self._live:
+            self._status.__exit__(*exc)
 
     def __call__(self, message: str, final: bool = False) -> None:
         if final:
             console.print(message)
-        else:
+        elif self._live:
             self._status.update(message)
+        else:
+            head, _, rest = message.partition(":")
+            key = f"{head}:{rest.split()[0] if rest.split() else ''}"  # e.g. "round 2: judging"
+            now = time.monotonic()
+            if key != self._last_key or now - self._last_at >= self._every_s:
+                console.print(message, highlight=False)
+                self._last_key, self._last_at = key, now
 
 
 RUN_FLAGS = {

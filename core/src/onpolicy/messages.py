@@ -37,6 +37,7 @@ __all__ = [
     "ScoredGroup",
     "Timings",
     "chat_turns",
+    "model_input",
     "record_id",
     "validate",
 ]
@@ -124,16 +125,32 @@ _VALIDATORS: dict[str, Callable[[Message], None]] = {
 }
 
 
+def model_input(prompt: Prompt) -> list[dict[str, str]] | str:
+    """The prompt exactly as the policy sees it when sampling.
+
+    A chat prompt is its turns, with the system prompt first unless the chat brings its own
+    system turn (chat completions, the model's chat template); a raw-text prompt is its text,
+    with the system prompt before it (plain completions). The sampler sends this and the
+    trainer trains on it, so every pair is scored under the context that produced it.
+    """
+    system = prompt.system_prompt if prompt.HasField("system_prompt") else ""
+    if prompt.messages:
+        turns = [{"role": t.role, "content": t.content} for t in prompt.messages]
+        if system and not any(t["role"] == "system" for t in turns):
+            turns.insert(0, {"role": "system", "content": system})
+        return turns
+    return f"{system}\n\n{prompt.text}" if system else prompt.text
+
+
 def chat_turns(prompt: Prompt) -> list[dict[str, str]]:
-    """The prompt as OpenAI-style turns: the system prompt (if any), then the chat turns, or
-    the raw text as one user turn (what the judge scores and the trainer trains on)."""
-    turns: list[dict[str, str]] = []
+    """The prompt as a conversation, for judges that need one (reward models, LLM judges):
+    :func:`model_input`, with a raw-text prompt as one user turn after its system prompt."""
+    if prompt.messages:
+        return model_input(prompt)  # type: ignore[return-value]
+    turns = []
     if prompt.HasField("system_prompt") and prompt.system_prompt:
         turns.append({"role": "system", "content": prompt.system_prompt})
-    if prompt.messages:
-        turns.extend({"role": t.role, "content": t.content} for t in prompt.messages)
-    else:
-        turns.append({"role": "user", "content": prompt.text})
+    turns.append({"role": "user", "content": prompt.text})
     return turns
 
 

@@ -13,20 +13,11 @@ if TYPE_CHECKING:
     from onpolicy.run.settings import RunSettings
 
 
-def _turns(prompt: m.Prompt) -> list[dict[str, str]] | str:
-    if prompt.messages:
-        turns = [{"role": t.role, "content": t.content} for t in prompt.messages]
-        if prompt.HasField("system_prompt") and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": prompt.system_prompt})
-        return turns
-    return prompt.text
-
-
 def pair_rows(pairs: list[m.PreferencePair], lineage: str = "") -> list[dict[str, Any]]:
     """TRL's preference format (conversational where the prompt is chat) plus metadata."""
     rows = []
     for p in pairs:
-        prompt = _turns(p.prompt)
+        prompt = m.model_input(p.prompt)
         chat = isinstance(prompt, list)
         rows.append(
             {

@@ -41,13 +41,6 @@ def sampling_params(settings: SamplerSettings, prompt: m.Prompt) -> m.SamplingPa
     return params
 
 
-def chat_messages(prompt: m.Prompt) -> list[dict[str, str]]:
-    turns = [{"role": t.role, "content": t.content} for t in prompt.messages]
-    if prompt.HasField("system_prompt") and not any(t["role"] == "system" for t in turns):
-        turns.insert(0, {"role": "system", "content": prompt.system_prompt})
-    return turns
-
-
 class Sampler:
     def __init__(
         self,
@@ -98,16 +91,14 @@ class Sampler:
         started = time.monotonic()
         self.m_inflight.inc()
         try:
-            if prompt.messages:
+            given = m.model_input(prompt)
+            if isinstance(given, list):
                 result = await self.client.sample(
-                    model=policy.model, params=request, n=n, messages=chat_messages(prompt)
+                    model=policy.model, params=request, n=n, messages=given
                 )
             else:
-                text = prompt.text
-                if prompt.HasField("system_prompt"):
-                    text = f"{prompt.system_prompt}\n\n{text}"
                 result = await self.client.sample(
-                    model=policy.model, params=request, n=n, prompt=text
+                    model=policy.model, params=request, n=n, prompt=given
                 )
         except ModelNotLoaded:
             self.m_errors.labels("adapter_missing").inc()

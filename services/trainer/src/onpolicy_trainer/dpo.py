@@ -57,13 +57,17 @@ def _prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
 
 
 def truncate_prompt(
-    tokenizer: Any, messages: list[dict[str, str]], max_tokens: int
-) -> list[dict[str, str]]:
-    """Cut the longest turn from its start until the templated prompt fits ``max_tokens``.
+    tokenizer: Any, messages: list[dict[str, str]] | str, max_tokens: int
+) -> list[dict[str, str]] | str:
+    """Cut the longest turn (or a raw-text prompt) from its start until the prompt, templated
+    for chat, fits ``max_tokens``.
 
     TRL 1.16 has no prompt limit of its own (it truncates the whole sequence from the end),
     so a long prompt would leave no room for the completions the round compares.
     """
+    if isinstance(messages, str):
+        ids = tokenizer(messages, add_special_tokens=False)["input_ids"]
+        return messages if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:])
     messages = [dict(turn) for turn in messages]
     for _ in range(4):  # re-tokenising at the cut may differ by a token; a few passes settle it
         excess = _prompt_length(tokenizer, messages) - max_tokens
@@ -76,6 +80,11 @@ def truncate_prompt(
     return messages
 
 
+def _plain(value: Any) -> Any:
+    """A row's text (standard format) or turns (conversational) as plain Python values."""
+    return value if isinstance(value, str) else [dict(turn) for turn in value]
+
+
 def _dataset(settings: TrainerSettings, tokenizer: Any, rows: Sequence[Row]) -> Any:
     from datasets import Dataset
 
@@ -83,10 +92,10 @@ def _dataset(settings: TrainerSettings, tokenizer: Any, rows: Sequence[Row]) -> 
         [
             {
                 "prompt": truncate_prompt(
-                    tokenizer, list(row["prompt"]), settings.max_prompt_length
+                    tokenizer, _plain(row["prompt"]), settings.max_prompt_length
                 ),
-                "chosen": list(row["chosen"]),
-                "rejected": list(row["rejected"]),
+                "chosen": _plain(row["chosen"]),
+                "rejected": _plain(row["rejected"]),
             }
             for row in rows
         ]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 from onpolicy import messages as m
 
+log = logging.getLogger(__name__)
+
 Row = dict[str, Any]
 Verdict = Literal["ok", "stale", "duplicate"]
 
-# The dataset's columns: TRL's conversational preference format, then the pair's metadata.
+# The dataset's columns: TRL's preference format, then the pair's metadata.
 COLUMNS = (
     "prompt",
     "chosen",
@@ -25,16 +28,22 @@ COLUMNS = (
 )
 
 
-# The prompt as chat turns, as the sampler sent it to vLLM (the core's one implementation).
-prompt_messages = m.chat_turns
+def to_row(pair: m.PreferencePair, conversational: bool | None = None) -> Row:
+    """One dataset row: TRL's prompt/chosen/rejected plus metadata.
 
-
-def to_row(pair: m.PreferencePair) -> Row:
-    """One dataset row: conversational prompt/chosen/rejected plus metadata."""
+    The prompt is what the sampler sent (``onpolicy.messages.model_input``): chat prompts in
+    TRL's conversational format, raw-text prompts in its standard (string) format, so DPO
+    scores each pair under the context that produced it. ``conversational=True`` forces the
+    conversational form (a round that mixes both kinds must use one format).
+    """
+    prompt = m.model_input(pair.prompt)
+    if conversational and isinstance(prompt, str):
+        prompt = m.chat_turns(pair.prompt)
+    chat = isinstance(prompt, list)
     return {
-        "prompt": prompt_messages(pair.prompt),
-        "chosen": [{"role": "assistant", "content": pair.chosen}],
-        "rejected": [{"role": "assistant", "content": pair.rejected}],
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": pair.chosen}] if chat else pair.chosen,
+        "rejected": [{"role": "assistant", "content": pair.rejected}] if chat else pair.rejected,
         "pair_id": pair.id,
         "prompt_id": pair.prompt_id,
         "policy_version": int(pair.policy_version),
@@ -43,6 +52,18 @@ def to_row(pair: m.PreferencePair) -> Row:
         "margin": float(pair.margin),
         "judge_id": pair.judge_id,
     }
+
+
+def to_rows(pairs: Sequence[m.PreferencePair]) -> list[Row]:
+    """A round's rows in one format (TRL trains, and Parquet stores, one per dataset)."""
+    kinds = {bool(p.prompt.messages) for p in pairs}
+    if len(kinds) > 1:
+        log.warning(
+            "this round mixes chat and raw-text prompts; its raw-text prompts train as one "
+            "user turn under the chat template, which differs from how they were sampled"
+        )
+        return [to_row(p, conversational=True) for p in pairs]
+    return [to_row(p) for p in pairs]
 
 
 def min_version(current: int, max_staleness: int) -> int:

@@ -33,7 +33,7 @@ from onpolicy.bus import Output, Producer, Record, read_topic
 from onpolicy.telemetry import Metrics
 from onpolicy_trainer import hub
 from onpolicy_trainer.dpo import RoundResult, train_round
-from onpolicy_trainer.pairs import admit, min_version, to_row
+from onpolicy_trainer.pairs import admit, min_version, to_rows
 from onpolicy_trainer.settings import TrainerSettings
 from onpolicy_trainer.store import CheckpointStore, SavedRound
 
@@ -313,7 +313,7 @@ class RoundRunner:
                 self.m_headline[name].set(value)
 
     def _train_and_save(self, version: int, pairs: list[m.PreferencePair]) -> SavedRound:
-        rows = [to_row(p) for p in pairs]
+        rows = to_rows(pairs)
         previous = None
         if self.latest is not None:
             self._cache.mkdir(parents=True, exist_ok=True)
