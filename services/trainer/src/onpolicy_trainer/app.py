@@ -54,6 +54,7 @@ def build(
         dead_letter_topic=settings.topics.name("dlq"),
         producer=producer,
     )
+    runner.stopping = processor.stopping  # SIGTERM cuts a running round short
     processor.runner = runner  # type: ignore[attr-defined]  # for tests and the e2e loop
     server.add_check("store", lambda: runner.store.fs.exists(runner.store.root))
     add_routes(server, runner)

@@ -20,7 +20,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,20 +141,33 @@ def _round_metrics(history: list[dict[str, Any]], train_loss: float) -> dict[str
     return metrics
 
 
+class RoundAborted(Exception):
+    """The service is stopping: the round was cut short, and nothing of it is saved."""
+
+
 def train_round(
     settings: TrainerSettings,
     rows: Sequence[Row],
     previous_adapter: str | Path | None,
     output_dir: str | Path,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RoundResult:
     """Run one DPO round on ``rows`` and save the policy to ``output_dir`` (a local folder).
 
     ``previous_adapter`` is the local folder of the previous round's adapter (or full model
-    with ``full_finetune``), or None to start from the base model.
+    with ``full_finetune``), or None to start from the base model. ``should_stop`` is asked
+    after every step; when it says yes the round ends with :class:`RoundAborted`, so a
+    SIGTERM does not wait for a whole round (its pairs stay uncommitted for the restart).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    class _StopWhenAsked(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if should_stop is not None and should_stop():
+                control.should_training_stop = True
+            return control
 
     if not rows:
         raise ValueError("a DPO round needs at least one pair")
@@ -212,10 +225,13 @@ def train_round(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
+            callbacks=[_StopWhenAsked()],
         )
         if previous is not None and peft_config is not None:
             _load_adapter_weights(trainer.model, previous)
         output = trainer.train()
+        if should_stop is not None and should_stop():
+            raise RoundAborted("stopping: the round was cut short and is not saved")
         history = list(trainer.state.log_history)
 
         trained = trainer.accelerator.unwrap_model(trainer.model)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.struct_pb2 import Struct
 from kafka.errors import KafkaError
@@ -32,7 +32,7 @@ from onpolicy import messages as m
 from onpolicy.bus import Output, Producer, Record, read_topic
 from onpolicy.telemetry import Metrics
 from onpolicy_trainer import hub
-from onpolicy_trainer.dpo import RoundResult, train_round
+from onpolicy_trainer.dpo import RoundAborted, RoundResult, train_round
 from onpolicy_trainer.pairs import admit, min_version, to_rows
 from onpolicy_trainer.settings import TrainerSettings
 from onpolicy_trainer.store import CheckpointStore, SavedRound
@@ -43,7 +43,16 @@ log = logging.getLogger(__name__)
 # optionally only for one version ("after_save@2"). Used by the crash-safety tests.
 CRASH_ENV = "ONPOLICY_TRAINER_CRASH_AT"
 
-TrainFn = Callable[[TrainerSettings, list[dict[str, Any]], Path | None, Path], RoundResult]
+
+class TrainFn(Protocol):
+    def __call__(
+        self,
+        settings: TrainerSettings,
+        rows: list[dict[str, Any]],
+        previous_adapter: Path | None,
+        output_dir: Path,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RoundResult: ...
 
 
 def _crash_point(stage: str, version: int) -> None:
@@ -119,6 +128,8 @@ class RoundRunner:
         self._force = False
         self._force_size: int | None = None  # a triggered round's size (POST ?max_pairs=)
         self._cache = Path(tempfile.gettempdir()) / "onpolicy-trainer-cache"
+        # Asked during training; the service wires it to its processor's stop (SIGTERM).
+        self.stopping: Callable[[], bool] = lambda: False
 
         self.m_rounds = metrics.counter("rounds_total", "DPO rounds completed")
         self.m_failures = metrics.counter("round_failures_total", "DPO rounds that failed")
@@ -279,8 +290,11 @@ class RoundRunner:
         try:
             saved = await asyncio.to_thread(self._train_and_save, version, pairs)
         except Exception as exc:
-            log.exception("round for policy-v%d failed; its pairs will be retried", version)
-            self.m_failures.inc()
+            if isinstance(exc, RoundAborted):
+                log.warning("round for policy-v%d stopped at shutdown; not saved", version)
+            else:
+                log.exception("round for policy-v%d failed; its pairs will be retried", version)
+                self.m_failures.inc()
             for pair, future in keep:
                 self.claimed.discard(pair.id)
                 if not future.done():
@@ -319,7 +333,9 @@ class RoundRunner:
             self._cache.mkdir(parents=True, exist_ok=True)
             previous = self.store.fetch(self.latest, self._cache)
         with tempfile.TemporaryDirectory(prefix="onpolicy-round-") as tmp:
-            result = self.train(self.settings, rows, previous, Path(tmp) / "policy")
+            result = self.train(
+                self.settings, rows, previous, Path(tmp) / "policy", should_stop=self.stopping
+            )
             meta = {
                 "metrics": result.metrics,
                 "num_pairs": len(rows),
