@@ -128,15 +128,12 @@ def run(args: Any) -> dict[str, Any]:
         asyncio.run(direct(server.url, model, source[-8:]))  # warm-up on prompts not measured
         for i in range(passes):
             batch = source[i * count : (i + 1) * count]
-            runs = [("direct", lambda b=batch: asyncio.run(direct(server.url, model, b)))]
-            runs.append(
-                (
-                    "service",
-                    lambda b=batch, i=i: through_kafka(kafka, server.url, model, b, f"p{i}"),
-                )
-            )
-            for name, runner in runs if i % 2 == 0 else runs[::-1]:
-                tokens, secs = runner()
+            order = ["direct", "service"] if i % 2 == 0 else ["service", "direct"]
+            for name in order:
+                if name == "direct":
+                    tokens, secs = asyncio.run(direct(server.url, model, batch))
+                else:
+                    tokens, secs = through_kafka(kafka, server.url, model, batch, f"p{i}")
                 (direct_rates if name == "direct" else service_rates).append(tokens / secs)
                 token_counts[name].append(tokens)
     finally:

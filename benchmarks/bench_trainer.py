@@ -125,7 +125,7 @@ def run(args: Any) -> dict[str, Any]:
     from onpolicy.settings import KafkaSettings, TopicSettings
     from onpolicy.stack import KafkaBroker, ensure_default_model
     from onpolicy.stack.settings import StackSettings
-    from onpolicy_trainer.pairs import to_row
+    from onpolicy_trainer.pairs import to_rows
     from onpolicy_trainer.settings import TrainerSettings
     from onpolicy_trainer.synthetic import make_pairs
 
@@ -163,7 +163,7 @@ def run(args: Any) -> dict[str, Any]:
 
             settings = settings_for("warmup")
             pairs = make_pairs(n)
-            rows = [to_row(p) for p in pairs]
+            rows = to_rows(pairs)
             # Warm both paths alike: imports and the model files in the page cache.
             plain_trl(settings, rows[:4], tmp_path / "warmup")
             # Alternate plain, service, plain, service: drift on a noisy machine hits both.

@@ -7,6 +7,7 @@ needs of each message and fills in ids that a publisher may leave empty.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -39,6 +40,7 @@ __all__ = [
     "chat_turns",
     "model_input",
     "record_id",
+    "trl_preference",
     "validate",
 ]
 
@@ -152,6 +154,25 @@ def chat_turns(prompt: Prompt) -> list[dict[str, str]]:
         turns.append({"role": "system", "content": prompt.system_prompt})
     turns.append({"role": "user", "content": prompt.text})
     return turns
+
+
+def trl_preference(pair: PreferencePair, conversational: bool = False) -> dict[str, Any]:
+    """The pair's ``prompt``/``chosen``/``rejected`` in TRL's preference format.
+
+    The prompt is :func:`model_input`, so a chat prompt gives the conversational format and a
+    raw-text prompt the standard (string) one; ``conversational=True`` turns raw text into one
+    user turn (:func:`chat_turns`), for a dataset that must hold a single format.
+    """
+    prompt = model_input(pair.prompt)
+    if conversational and isinstance(prompt, str):
+        prompt = chat_turns(pair.prompt)
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": pair.chosen}],
+        "rejected": [{"role": "assistant", "content": pair.rejected}],
+    }
 
 
 def validate(message: Message) -> Message:

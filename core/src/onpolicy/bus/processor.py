@@ -282,7 +282,7 @@ class Processor(Generic[M]):
 
     def _shutdown(self, consumer: KafkaConsumer) -> None:
         log.info("stopping: draining %d in-flight records", self._offsets.in_flight())
-        self._drain(None)
+        self._drain()
         self._commit(consumer)
         consumer.close(autocommit=False)
         for task in asyncio.all_tasks(self._loop):
@@ -330,11 +330,11 @@ class Processor(Generic[M]):
         except (CommitFailedError, KafkaError) as exc:
             log.warning("commit failed (records will be redelivered): %s", exc)
 
-    def _drain(self, tps: Sequence[TopicPartition] | None) -> None:
+    def _drain(self) -> None:
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while self._offsets.in_flight(tps) and time.monotonic() < deadline:
+        while self._offsets.in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if left := self._offsets.in_flight(tps):
+        if left := self._offsets.in_flight():
             log.warning("%d records unfinished after drain; they will be redelivered", left)
 
     async def _on_revoked(self, revoked: list[TopicPartition]) -> None:

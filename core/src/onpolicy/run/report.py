@@ -17,13 +17,9 @@ def pair_rows(pairs: list[m.PreferencePair], lineage: str = "") -> list[dict[str
     """TRL's preference format (conversational where the prompt is chat) plus metadata."""
     rows = []
     for p in pairs:
-        prompt = m.model_input(p.prompt)
-        chat = isinstance(prompt, list)
         rows.append(
             {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": p.chosen}] if chat else p.chosen,
-                "rejected": [{"role": "assistant", "content": p.rejected}] if chat else p.rejected,
+                **m.trl_preference(p),
                 "pair_id": p.id,
                 "prompt_id": p.prompt_id,
                 "policy_version": p.policy_version,

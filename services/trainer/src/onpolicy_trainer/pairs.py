@@ -28,7 +28,7 @@ COLUMNS = (
 )
 
 
-def to_row(pair: m.PreferencePair, conversational: bool | None = None) -> Row:
+def to_row(pair: m.PreferencePair, conversational: bool = False) -> Row:
     """One dataset row: TRL's prompt/chosen/rejected plus metadata.
 
     The prompt is what the sampler sent (``onpolicy.messages.model_input``): chat prompts in
@@ -36,14 +36,8 @@ def to_row(pair: m.PreferencePair, conversational: bool | None = None) -> Row:
     scores each pair under the context that produced it. ``conversational=True`` forces the
     conversational form (a round that mixes both kinds must use one format).
     """
-    prompt = m.model_input(pair.prompt)
-    if conversational and isinstance(prompt, str):
-        prompt = m.chat_turns(pair.prompt)
-    chat = isinstance(prompt, list)
     return {
-        "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": pair.chosen}] if chat else pair.chosen,
-        "rejected": [{"role": "assistant", "content": pair.rejected}] if chat else pair.rejected,
+        **m.trl_preference(pair, conversational),
         "pair_id": pair.id,
         "prompt_id": pair.prompt_id,
         "policy_version": int(pair.policy_version),
