@@ -1,8 +1,9 @@
 """Run benchmarks: ``python -m benchmarks [name ...]``.
 
 Each ``benchmarks/bench_<name>.py`` has ``run(args) -> dict``; its result is written to
-``benchmarks/results/<name>.json`` and summarised in the README between the markers
-``<!-- bench:<name> -->`` and ``<!-- /bench:<name> -->`` (its ``summary`` field).
+``benchmarks/results/<name>.json`` (``<name>-<variant>.json`` when the result names a
+variant, e.g. a GPU run) and summarised in the README between the markers
+``<!-- bench:<key> -->`` and ``<!-- /bench:<key> -->`` (its ``summary`` field).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("names", nargs="*", help=f"which to run (default all: {available()})")
     parser.add_argument("--quick", action="store_true", help="smaller workloads, for a smoke run")
+    parser.add_argument(
+        "--pairs", type=int, help="trainer: pairs per pass (default 16 on CPU, 512 on a GPU)"
+    )
     args = parser.parse_args(argv)
     names = args.names or available()
     unknown = set(names) - set(available())
@@ -61,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("machine", f"{platform.machine()}, {platform.node()}")
         result["finished_unix"] = int(time.time())
         result["wall_s"] = round(time.time() - started, 1)
-        out = HERE / "results" / f"{name}.json"
+        # A variant (e.g. the same benchmark on a GPU) is kept beside the default result.
+        key = f"{name}-{result['variant']}" if result.get("variant") else name
+        out = HERE / "results" / f"{key}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         if summary := result.get("summary"):
-            update_readme(name, summary)
+            update_readme(key, summary)
         print(json.dumps(result, indent=2))
     return 1 if failed else 0
 

@@ -4,8 +4,13 @@ Both train SmolLM2-135M with the same LoRA and DPO settings on the same syntheti
 The plain script is timed from loading the model to ``save_pretrained``; the service round
 from producing the pairs to Kafka to its PolicyUpdate being published (consume, buffer,
 train, save adapter + Parquet dataset, publish), in process, on a real local broker.
-Passes alternate (plain, service, plain, service) so drift on a noisy machine hits both;
-ratio = mean service pairs/s / mean plain pairs/s (goal >= 0.95). CPU only: no GPU is lent here.
+Passes alternate who goes first, so drift on a noisy machine hits both (4 passes on the CPU,
+where one run's time varies by about 10%, 2 on a GPU);
+ratio = mean service pairs/s / mean plain pairs/s (goal >= 0.95).
+
+On a GPU both sides train in bf16 (the service's rule: weights and autocast in bf16 where the
+GPU supports it), on more pairs (``--pairs``, default 512) so that steps, not start-up, dominate;
+the result goes to ``results/trainer-gpu.json`` and names the device.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 PAIRS_FULL = 16
 PAIRS_QUICK = 8
+PAIRS_GPU = 512
 
 
 def _free_port() -> int:
@@ -39,8 +45,11 @@ def plain_trl(settings: Any, rows: list[dict[str, Any]], out: Path) -> float:
     from trl import DPOConfig, DPOTrainer
 
     started = time.monotonic()
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
-    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        settings.model, dtype=torch.bfloat16 if bf16 else torch.float32
+    )
     dataset = Dataset.from_list(
         [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     )
@@ -54,7 +63,7 @@ def plain_trl(settings: Any, rows: list[dict[str, Any]], out: Path) -> float:
             per_device_train_batch_size=settings.per_device_batch_size,
             gradient_accumulation_steps=settings.gradient_accumulation_steps,
             max_length=settings.max_length,
-            bf16=False,  # CPU: TRL defaults to bf16, which needs a GPU
+            bf16=bf16,  # TRL defaults to bf16, which needs a GPU
             seed=settings.seed,
             logging_steps=1,
             save_strategy="no",
@@ -121,6 +130,13 @@ def service_round(settings: Any, pairs: list[Any]) -> tuple[float, dict[str, flo
     return seconds, dict(update.metrics)
 
 
+def _device() -> str | None:
+    """The GPU's name, or None on a CPU-only machine."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def run(args: Any) -> dict[str, Any]:
     from onpolicy.settings import KafkaSettings, TopicSettings
     from onpolicy.stack import KafkaBroker, ensure_default_model
@@ -129,7 +145,9 @@ def run(args: Any) -> dict[str, Any]:
     from onpolicy_trainer.settings import TrainerSettings
     from onpolicy_trainer.synthetic import make_pairs
 
-    n = PAIRS_QUICK if getattr(args, "quick", False) else PAIRS_FULL
+    gpu = _device()
+    quick = getattr(args, "quick", False)
+    n = getattr(args, "pairs", None) or (PAIRS_QUICK if quick else PAIRS_GPU if gpu else PAIRS_FULL)
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         tmp_path = Path(tmp)
         stack = StackSettings(
@@ -144,7 +162,7 @@ def run(args: Any) -> dict[str, Any]:
             broker = KafkaBroker(stack)
             broker.start()
             bootstrap = broker.bootstrap
-        passes = 1 if getattr(args, "quick", False) else 2
+        passes = 1 if quick else 2 if gpu else 4
         plain_rates: list[float] = []
         service_rates: list[float] = []
         try:
@@ -164,13 +182,18 @@ def run(args: Any) -> dict[str, Any]:
             settings = settings_for("warmup")
             pairs = make_pairs(n)
             rows = to_rows(pairs)
-            # Warm both paths alike: imports and the model files in the page cache.
+            # Warm both paths alike: imports, the model files in the page cache (CUDA context).
             plain_trl(settings, rows[:4], tmp_path / "warmup")
-            # Alternate plain, service, plain, service: drift on a noisy machine hits both.
+            # Alternate who goes first (plain, service | service, plain | ...): drift and
+            # order effects on a noisy machine hit both sides alike.
             for i in range(passes):
-                plain_rates.append(n / plain_trl(settings, rows, tmp_path / f"plain-{i}"))
-                service_s, round_metrics = service_round(settings_for(f"p{i}"), pairs)
-                service_rates.append(n / service_s)
+                for side in ("plain", "service") if i % 2 == 0 else ("service", "plain"):
+                    if side == "plain":
+                        plain_s = plain_trl(settings, rows, tmp_path / f"plain-{i}")
+                        plain_rates.append(n / plain_s)
+                    else:
+                        service_s, round_metrics = service_round(settings_for(f"p{i}"), pairs)
+                        service_rates.append(n / service_s)
         finally:
             if broker is not None:
                 broker.stop()
@@ -180,13 +203,17 @@ def run(args: Any) -> dict[str, Any]:
     plain_s, service_s = n / plain_pps, n / service_pps
     ratio = service_pps / plain_pps
     load = os.getloadavg()[0]
+    where = (
+        f"bf16 on one {gpu}"
+        if gpu
+        else f"fp32 on {os.cpu_count()} CPU cores (load avg {load:.1f}); no GPU lent to this task"
+    )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r={settings.lora_r} on {','.join(settings.target_modules)}, "
         f"{n} synthetic pairs, batch {settings.per_device_batch_size}, max_length "
-        f"{settings.max_length}, 1 epoch, fp32 on {os.cpu_count()} CPU cores (load avg "
-        f"{load:.1f}); no GPU lent to this task"
+        f"{settings.max_length}, 1 epoch, {where}"
     )
-    return {
+    result: dict[str, Any] = {
         "ratio": round(ratio, 3),
         "goal": 0.95,
         "service_pairs_per_s": round(service_pps, 4),
@@ -200,10 +227,14 @@ def run(args: Any) -> dict[str, Any]:
         },
         "round_metrics": {k: round(v, 4) for k, v in round_metrics.items()},
         "setup": setup,
-        "gpu": "none (CPU only; no GPU was lent to this task)",
+        "gpu": gpu or "none (CPU only; no GPU was lent to this task)",
         "summary": (
-            f"trainer: service round {service_pps:.3f} pairs/s vs plain TRL DPOTrainer "
-            f"{plain_pps:.3f} pairs/s = {ratio:.2f}x (goal >= 0.95); {n} pairs, SmolLM2-135M "
-            f"LoRA r={settings.lora_r}, CPU only (no GPU lent), load avg {load:.1f}"
+            f"trainer{' (GPU)' if gpu else ''}: service round {service_pps:.3f} pairs/s vs plain "
+            f"TRL DPOTrainer {plain_pps:.3f} pairs/s = {ratio:.2f}x (goal >= 0.95); {n} pairs, "
+            f"SmolLM2-135M LoRA r={settings.lora_r}, "
+            + (f"bf16 on one {gpu}" if gpu else f"CPU only (no GPU lent), load avg {load:.1f}")
         ),
     }
+    if gpu:
+        result["variant"] = "gpu"  # results/trainer-gpu.json: the CPU result stays beside it
+    return result

@@ -122,3 +122,50 @@ def test_every_metric_the_dashboard_queries_is_served(run, vllm_server):
     ]
     missing = [w for w in wanted if w not in names]
     assert not missing, f"dashboard metrics not served: {missing}"
+
+
+@pytest.fixture(scope="module")
+def overlap_run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
+    vllm.start()
+    settings = load_settings(
+        RunSettings,
+        kafka=kafka,
+        external_stack=True,
+        vllm_url=vllm.url,
+        model=model_dir,
+        rounds=2,
+        max_staleness=1,
+        prompts_per_round=4,
+        eval_size=2,
+        eval_samples=2,
+        num_samples=2,
+        max_tokens=32,
+        runs_dir=tmp_path_factory.mktemp("runs"),
+        run_id="e2e-overlap",
+        trainer={"max_length": 160, "max_prompt_length": 96, "per_device_batch_size": 2},
+    )
+    stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
+    runner = Runner(settings, stack, status=lambda *a, **k: None)
+    return runner, runner.run()
+
+
+def test_overlap_mode_samples_the_next_round_while_training_one_step_off(overlap_run, kafka):
+    runner, report = overlap_run
+    assert not report["interrupted"] and report["mode"] == "overlap"
+    assert [r["policy_version"] for r in report["rounds"]] == [0, 1, 2]
+    prefix = f"onpolicy.{runner.run_id}."
+    groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
+    train = [g for g in groups if g.prompt.dataset_split == "train"]
+    # Round 1's prompts went out while v1 was training, so v0 sampled them (one-step-off) ...
+    assert {g.policy_version for g in train if g.prompt.round == 1} == {0}
+    # ... and the trainer (max_staleness 1) still trained on them: two versions published.
+    updates = [r.message for r in read_topic(kafka, prefix + "policy", m.PolicyUpdate)]
+    assert [u.version for u in updates] == [1, 2]
+    assert report["rounds"][1]["pairs"] > 0 and updates[1].num_pairs == report["rounds"][1]["pairs"]
+    # Evaluation still measures each version itself.
+    evals = [g for g in groups if g.prompt.dataset_split == "eval"]
+    assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
+    # The report says how much sampling ran during training.
+    assert report["rounds"][0]["overlap_s"] == 0.0
+    assert report["rounds"][1]["overlap_s"] > 0
+    assert report["overlap_saved_s"] == round(report["rounds"][1]["overlap_s"], 1)

@@ -176,6 +176,39 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
     assert dropped("stale") == 2
 
 
+def test_round_in_two_processes_trains_data_parallel_and_saves_one_adapter(
+    kafka, topics, model_dir, tmp_path
+):
+    """train_processes=2: the round runs under torchrun (gloo on these CPUs, NCCL on GPUs)."""
+    from safetensors import safe_open
+
+    settings = settings_for(
+        kafka, topics, model_dir, tmp_path / "ckpt", train_processes=2, per_device_batch_size=2
+    )
+    pairs = make_pairs(ROUND, policy_version=0)
+    publish(kafka, topics.name("pairs"), pairs)
+    processor, _, _ = service(settings)
+    with running(processor):
+        [record] = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 1, timeout=600)
+        wait_until(
+            lambda: (
+                sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == ROUND
+            ),
+            timeout=30,
+            what="offsets committed",
+        )
+    metrics_ = dict(record.message.metrics)
+    assert metrics_["processes"] == 2 and math.isfinite(metrics_["loss"])
+    # 8 pairs, 2 per device: two ranks take 4 pairs a step, so 2 steps (one process: 4).
+    assert metrics_["steps"] == 2, metrics_
+    adapter = Path(record.message.adapter_uri)
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and all("lora_" in n for n in names)
+    table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-1.parquet")
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(p.id for p in pairs)
+
+
 # ---------------------------------------------------------------------- crash safety
 def free_port() -> int:
     with socket.socket() as sock:

@@ -289,6 +289,11 @@ def print_rounds(report: dict) -> None:
             f"evaluation reward change, first to last: "
             f"[bold]{report['eval_reward_gain']:+.3f}[/] in {report['wall_s']:.0f}s"
         )
+    if "overlap_saved_s" in report:
+        Console().print(
+            f"overlap mode: {report['overlap_saved_s']:.0f}s of sampling ran while the trainer "
+            "trained (wall time saved against strict mode, at the speeds seen)"
+        )
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -30,6 +30,15 @@ Status = Callable[[str], None]
 
 
 @dataclass
+class Ahead:
+    """The next round's training prompts, published early (overlap mode)."""
+
+    round: int
+    groups: int
+    published_at: float  # time.monotonic()
+
+
+@dataclass
 class RoundRecord:
     round: int
     policy_version: int
@@ -44,6 +53,9 @@ class RoundRecord:
     judging_s: float = 0.0
     training_s: float = 0.0
     loading_s: float = 0.0
+    # Overlap mode: seconds the sampler worked on this round's training prompts while the
+    # previous round trained and loaded, i.e. wall time saved against strict mode.
+    overlap_s: float = 0.0
     completion_tokens: int = 0
     train_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -272,16 +284,32 @@ class Lineage:
                 log.warning("round %d evaluation sampled by versions %s", r, sorted(versions))
         record.pairs = len(self._of(self.pairs, r, "train"))
 
-    def train(self, record: RoundRecord) -> None:
+    def train(self, record: RoundRecord, ahead: Ahead | None = None) -> float:
         """Trigger a round on ``record.pairs`` pairs once the trainer holds them; wait for the
-        next policy to be published and loaded by the sampler."""
+        next policy to be published and loaded by the sampler.
+
+        ``ahead`` (overlap mode) names the next round's training prompts, already published:
+        returns how long the sampler worked on them before this round's policy was loaded.
+        """
         expected = record.pairs
         trainer = self.services["trainer"]
+        done_at: float | None = None
+
+        def watch_ahead() -> None:
+            nonlocal done_at
+            if ahead is not None and done_at is None:
+                self.completions.refresh(timeout_ms=50)
+                if len(self._of(self.completions, ahead.round, "train")) >= ahead.groups:
+                    done_at = time.monotonic()
+
+        def until(check: Callable[[], bool], what: str) -> None:
+            self.wait(lambda: (watch_ahead() or True) and check(), what)
+
         self.status(
             f"[{self.name}] round {record.round}: waiting for the trainer to buffer "
             f"{expected} pairs"
         )
-        self.wait(
+        until(
             lambda: self.trainer_state()["buffered_pairs"] >= expected,
             f"the trainer to buffer {expected} pairs",
         )
@@ -297,7 +325,7 @@ class Lineage:
             self.policy.refresh(timeout_ms=200)
             return any(u.version == target for u in self.policy.records)
 
-        self.wait(published, f"policy v{target}")
+        until(published, f"policy v{target}")
         record.training_s = time.monotonic() - started
         update = next(u for u in self.policy.records if u.version == target)
         record.train_metrics = {
@@ -305,8 +333,13 @@ class Lineage:
         }
         started = time.monotonic()
         self.status(f"[{self.name}] loading policy v{target} into vLLM")
-        self.wait(lambda: self.sampler_version() >= target, f"the sampler to load v{target}")
+        until(lambda: self.sampler_version() >= target, f"the sampler to load v{target}")
         record.loading_s = time.monotonic() - started
+        if ahead is None:
+            return 0.0
+        watch_ahead()
+        end = time.monotonic()
+        return min(done_at or end, end) - ahead.published_at
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rounds]

@@ -82,6 +82,7 @@ def write_report(
     lineages: list[Lineage],
     wall_s: float,
     interrupted: bool,
+    loop_s: float | None = None,
 ) -> dict[str, Any]:
     per_lineage = {lin.name: lin.as_dicts() for lin in lineages}
     rounds = per_lineage.get("onpolicy", [])
@@ -90,9 +91,13 @@ def write_report(
         "interrupted": interrupted,
         "mode": "strict" if settings.max_staleness == 0 else "overlap",
         "wall_s": round(wall_s, 1),
+        "loop_s": None if loop_s is None else round(loop_s, 1),
         "rounds": rounds,
         "lineages": per_lineage,
     }
+    if settings.max_staleness > 0:
+        # Sampling pulled forward into training time: what strict mode would have waited for.
+        report["overlap_saved_s"] = round(sum(r["overlap_s"] for r in rounds), 1)
     evals = [r["eval_reward_mean"] for r in rounds if r["eval_reward_mean"] is not None]
     if len(evals) >= 2:
         report["eval_reward_gain"] = evals[-1] - evals[0]

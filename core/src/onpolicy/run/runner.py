@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from onpolicy import messages as m
-from onpolicy.run.lineage import Lineage, RoundRecord, tagged
+from onpolicy.run.lineage import Ahead, Lineage, RoundRecord, tagged
 from onpolicy.run.prompts import PromptSource, demo_prompts, load_prompts
 from onpolicy.run.report import write_report
 from onpolicy.run.settings import RunSettings
@@ -121,21 +121,23 @@ class Runner:
         s = self.settings
         overlap = s.max_staleness > 0
         early = 0  # this round's training prompts already published (overlap mode)
+        overlap_s = 0.0
         for r in range(s.rounds + 1):
-            record = RoundRecord(round=r, policy_version=r)
+            record = RoundRecord(round=r, policy_version=r, overlap_s=overlap_s)
             lineage.rounds.append(record)
             lineage.wait(lambda r=r: lineage.sampler_version() >= r, f"sampler on v{r}")
             train = self._train_prompts(r) if r < s.rounds and not early else []
             lineage.sample_and_judge(record, train, self._eval_prompts(r), early)
-            early = 0
+            early, ahead, overlap_s = 0, None, 0.0
             if overlap and r + 1 < s.rounds:
                 # One-step-off: the next round is sampled while this one trains.
                 nxt = self._train_prompts(r + 1)
+                ahead = Ahead(round=r + 1, groups=len(nxt), published_at=time.monotonic())
                 lineage.publish(nxt)
                 early = len(nxt)
             self._print_round(lineage, record)
             if r < s.rounds:
-                lineage.train(record)
+                overlap_s = lineage.train(record, ahead)
 
     def off_policy(self, lineage: Lineage, pairs_per_round: list[int]) -> None:
         """As many pairs per round as the on-policy run, all sampled by the initial policy."""
@@ -182,6 +184,7 @@ class Runner:
         started = time.monotonic()
         lineages: list[Lineage] = []
         interrupted = False
+        loop_s: float | None = None  # the on-policy rounds alone, without the stack's start
 
         def on_term(*_: object) -> None:
             raise KeyboardInterrupt
@@ -203,7 +206,9 @@ class Runner:
                 lineages.append(on)
                 try:
                     on.start()
+                    loop_started = time.monotonic()
                     self.on_policy(on)
+                    loop_s = time.monotonic() - loop_started
                 finally:
                     on.stop()
                 if s.compare_offpolicy:
@@ -236,6 +241,7 @@ class Runner:
             lineages,
             wall_s=time.monotonic() - started,
             interrupted=interrupted,
+            loop_s=loop_s,
         )
         return report
 

@@ -9,6 +9,7 @@ from fastapi import Query, Response
 from onpolicy import messages as m
 from onpolicy.bus import Processor, ProcessorConfig, Producer
 from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_trainer.launch import train_fn
 from onpolicy_trainer.rounds import RoundRunner
 from onpolicy_trainer.settings import TrainerSettings
 
@@ -37,7 +38,7 @@ def build(
 ) -> Processor[m.PreferencePair]:
     """The trainer's processor; recovers the current version before consuming."""
     producer = runner.producer if runner else Producer(settings.kafka, client_id=settings.group_id)
-    runner = runner or RoundRunner(settings, metrics, producer)
+    runner = runner or RoundRunner(settings, metrics, producer, train=train_fn(settings))
     runner.recover()
     processor = Processor(
         kafka=settings.kafka,

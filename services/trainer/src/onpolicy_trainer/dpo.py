@@ -211,6 +211,9 @@ def train_round(
             gradient_accumulation_steps=settings.gradient_accumulation_steps,
             max_length=settings.max_length,
             bf16=bf16,
+            # Without a GPU, several processes (launch.py) need this to train data-parallel
+            # on CPUs (gloo); for one process it changes nothing.
+            use_cpu=not torch.cuda.is_available(),
             seed=settings.seed,
             logging_steps=1,
             save_strategy="no",
@@ -235,14 +238,17 @@ def train_round(
         history = list(trainer.state.log_history)
 
         trained = trainer.accelerator.unwrap_model(trainer.model)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        if settings.full_finetune:
-            trained.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-        else:
-            # Only the policy: TRL's frozen "ref" copy (reference="previous") is not saved.
-            trained.save_pretrained(output_dir, selected_adapters=["default"])
+        # Data-parallel (launch.py): every rank holds the same weights; rank 0 saves them.
+        if trainer.accelerator.is_main_process:
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            if settings.full_finetune:
+                trained.save_pretrained(output_dir)
+                tokenizer.save_pretrained(output_dir)
+            else:
+                # Only the policy: TRL's frozen "ref" copy (reference="previous") is not saved.
+                trained.save_pretrained(output_dir, selected_adapters=["default"])
+        trainer.accelerator.wait_for_everyone()
 
     metrics = _round_metrics(history, output.training_loss)
     seconds = time.monotonic() - started

@@ -72,6 +72,15 @@ class TrainerSettings(ServiceSettings):
 
     seed: int = 0
     torch_threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    train_processes: int = Field(
+        0,
+        ge=0,
+        description=(
+            "processes per DPO round: 0 = one per visible GPU; 1 trains inside the service "
+            "(also on a CPU); N > 1 trains data-parallel in N child processes (torchrun, "
+            "accelerate through TRL's trainer)"
+        ),
+    )
 
     # Optional Hugging Face Hub export (needs the `hub` extra and a token)
     hub_repo_id: str | None = Field(
