@@ -203,10 +203,11 @@ def run(args: Any) -> dict[str, Any]:
     plain_s, service_s = n / plain_pps, n / service_pps
     ratio = service_pps / plain_pps
     load = os.getloadavg()[0]
+    cores = os.cpu_count()
     where = (
         f"bf16 on one {gpu}"
         if gpu
-        else f"fp32 on {os.cpu_count()} CPU cores (load avg {load:.1f}); no GPU lent to this task"
+        else f"fp32 on {os.cpu_count()} CPU cores (load avg {load:.1f}), no GPU"
     )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r={settings.lora_r} on {','.join(settings.target_modules)}, "
@@ -227,12 +228,12 @@ def run(args: Any) -> dict[str, Any]:
         },
         "round_metrics": {k: round(v, 4) for k, v in round_metrics.items()},
         "setup": setup,
-        "gpu": gpu or "none (CPU only; no GPU was lent to this task)",
+        "gpu": gpu or "none (this run: CPU only)",
         "summary": (
             f"trainer{' (GPU)' if gpu else ''}: service round {service_pps:.3f} pairs/s vs plain "
             f"TRL DPOTrainer {plain_pps:.3f} pairs/s = {ratio:.2f}x (goal >= 0.95); {n} pairs, "
             f"SmolLM2-135M LoRA r={settings.lora_r}, "
-            + (f"bf16 on one {gpu}" if gpu else f"CPU only (no GPU lent), load avg {load:.1f}")
+            + (f"bf16 on one {gpu}" if gpu else f"fp32 on {cores} CPU cores, load avg {load:.1f}")
         ),
     }
     if gpu:
