@@ -135,11 +135,13 @@ def overlap_run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
         model=model_dir,
         rounds=2,
         max_staleness=1,
-        prompts_per_round=4,
+        # As many prompts and samples as the strict run: fewer left a round with every group
+        # tied (no pairs) now and then.
+        prompts_per_round=6,
         eval_size=2,
         eval_samples=2,
-        num_samples=2,
-        max_tokens=32,
+        num_samples=3,
+        max_tokens=40,
         runs_dir=tmp_path_factory.mktemp("runs"),
         run_id="e2e-overlap",
         trainer={"max_length": 160, "max_prompt_length": 96, "per_device_batch_size": 2},

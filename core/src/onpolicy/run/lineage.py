@@ -292,6 +292,15 @@ class Lineage:
         returns how long the sampler worked on them before this round's policy was loaded.
         """
         expected = record.pairs
+        if expected == 0:
+            # Every group tied (or failed): nothing to learn from, so no round and no new
+            # version; the next round samples again with the same policy.
+            self.status(
+                f"[{self.name}] round {record.round}: no preference pairs (every group "
+                f"tied); the policy stays v{record.policy_version}",
+                final=True,
+            )
+            return 0.0
         trainer = self.services["trainer"]
         done_at: float | None = None
 

@@ -122,10 +122,11 @@ class Runner:
         overlap = s.max_staleness > 0
         early = 0  # this round's training prompts already published (overlap mode)
         overlap_s = 0.0
+        version = 0  # goes up with each round that had pairs to train on
         for r in range(s.rounds + 1):
-            record = RoundRecord(round=r, policy_version=r, overlap_s=overlap_s)
+            record = RoundRecord(round=r, policy_version=version, overlap_s=overlap_s)
             lineage.rounds.append(record)
-            lineage.wait(lambda r=r: lineage.sampler_version() >= r, f"sampler on v{r}")
+            lineage.wait(lambda v=version: lineage.sampler_version() >= v, f"sampler on v{version}")
             train = self._train_prompts(r) if r < s.rounds and not early else []
             lineage.sample_and_judge(record, train, self._eval_prompts(r), early)
             early, ahead, overlap_s = 0, None, 0.0
@@ -138,6 +139,8 @@ class Runner:
             self._print_round(lineage, record)
             if r < s.rounds:
                 overlap_s = lineage.train(record, ahead)
+                if record.pairs:  # a round with no pairs trains nothing (lineage.train)
+                    version += 1
 
     def off_policy(self, lineage: Lineage, pairs_per_round: list[int]) -> None:
         """As many pairs per round as the on-policy run, all sampled by the initial policy."""
@@ -163,7 +166,8 @@ class Runner:
             record.pairs = min(pairs_per_round[r], available)
             available -= record.pairs
             lineage.train(record)
-            record = RoundRecord(round=r + 1, policy_version=r + 1)
+            version = record.policy_version + 1 if record.pairs else record.policy_version
+            record = RoundRecord(round=r + 1, policy_version=version)
             lineage.rounds.append(record)
             lineage.sample_and_judge(record, [], self._eval_prompts(r + 1))
             self._print_round(lineage, record)
