@@ -227,11 +227,16 @@ class Lineage:
         started = time.monotonic()
         self.publish(evaluation + train)
         want = len(train) + len(evaluation) + published_earlier
+        # Train groups of this round count only when this call waits for them: the off-policy
+        # lineage publishes every round's train prompts up front, and counting those would end
+        # its later waits before their evaluation is sampled.
+        splits = ("train", "eval") if train or published_earlier else ("eval",)
+
+        def count(tail: TopicTail) -> int:
+            return sum(len(self._of(tail, r, split)) for split in splits)
 
         def produced() -> int:
-            return len(self._of(self.completions, r, "train")) + len(
-                self._of(self.completions, r, "eval")
-            )
+            return count(self.completions)
 
         def progress(what: str, have: int) -> None:
             tokens = sum(
@@ -256,7 +261,7 @@ class Lineage:
 
         def judged() -> bool:
             self.refresh()
-            have = len(self._of(self.scored, r, "train")) + len(self._of(self.scored, r, "eval"))
+            have = count(self.scored)
             progress("judging", have)
             return have >= want
 
