@@ -20,29 +20,39 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
+def run_loop(kafka, vllm, model_dir, stack_settings, runs_dir, **overrides):
+    """Two small rounds of the real loop on the test stack; returns (runner, report)."""
     vllm.start()  # no-op when it runs; an earlier test may have stopped it
-    settings = load_settings(
-        RunSettings,
+    values = dict(
         kafka=kafka,
         external_stack=True,
         vllm_url=vllm.url,
         model=model_dir,
         rounds=2,
         prompts_per_round=6,
-        eval_size=4,
         eval_samples=2,
         num_samples=3,
         max_tokens=40,
-        runs_dir=tmp_path_factory.mktemp("runs"),
+        runs_dir=runs_dir,
+    )
+    settings = load_settings(RunSettings, **(values | overrides))
+    stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
+    runner = Runner(settings, stack, status=lambda *a, **k: None)
+    return runner, runner.run()
+
+
+@pytest.fixture(scope="module")
+def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
+    return run_loop(
+        kafka,
+        vllm,
+        model_dir,
+        stack_settings,
+        tmp_path_factory.mktemp("runs"),
+        eval_size=4,
         run_id="e2e",
         trainer={"max_length": 192, "max_prompt_length": 96, "per_device_batch_size": 2},
     )
-    stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
-    runner = Runner(settings, stack, status=lambda *a, **k: None)
-    report = runner.run()
-    return runner, report
 
 
 def test_policy_versions_go_0_1_2_and_round_two_is_sampled_by_v1(run, kafka):
@@ -126,29 +136,19 @@ def test_every_metric_the_dashboard_queries_is_served(run, vllm_server):
 
 @pytest.fixture(scope="module")
 def overlap_run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
-    vllm.start()
-    settings = load_settings(
-        RunSettings,
-        kafka=kafka,
-        external_stack=True,
-        vllm_url=vllm.url,
-        model=model_dir,
-        rounds=2,
+    # As many prompts and samples as the strict run: fewer left a round with every group
+    # tied (no pairs) now and then.
+    return run_loop(
+        kafka,
+        vllm,
+        model_dir,
+        stack_settings,
+        tmp_path_factory.mktemp("runs"),
         max_staleness=1,
-        # As many prompts and samples as the strict run: fewer left a round with every group
-        # tied (no pairs) now and then.
-        prompts_per_round=6,
         eval_size=2,
-        eval_samples=2,
-        num_samples=3,
-        max_tokens=40,
-        runs_dir=tmp_path_factory.mktemp("runs"),
         run_id="e2e-overlap",
         trainer={"max_length": 160, "max_prompt_length": 96, "per_device_batch_size": 2},
     )
-    stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
-    runner = Runner(settings, stack, status=lambda *a, **k: None)
-    return runner, runner.run()
 
 
 def test_overlap_mode_samples_the_next_round_while_training_one_step_off(overlap_run, kafka):

@@ -60,6 +60,17 @@ def publish(kafka, topic: str, messages) -> None:
         producer.close()
 
 
+def wait_first_round(kafka, topics, settings: TrainerSettings):
+    """The v1 PolicyUpdate, once the round's offsets are committed (only after it is out)."""
+    [record] = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 1, timeout=600)
+    wait_until(
+        lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == ROUND,
+        timeout=30,
+        what="offsets committed",
+    )
+    return record
+
+
 def test_round_from_kafka_trains_saves_publishes_and_loads_into_vllm(
     kafka, topics, model_dir, vllm_server, tmp_path
 ):
@@ -70,15 +81,7 @@ def test_round_from_kafka_trains_saves_publishes_and_loads_into_vllm(
     assert client.get("/policy").json()["version"] == 0
 
     with running(processor):
-        [record] = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 1, timeout=600)
-        # Offsets are committed only after the PolicyUpdate is out.
-        wait_until(
-            lambda: (
-                sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == ROUND
-            ),
-            timeout=30,
-            what="offsets committed",
-        )
+        record = wait_first_round(kafka, topics, settings)
         rounds = client.get("/rounds").json()
         policy = client.get("/policy").json()
 
@@ -189,14 +192,7 @@ def test_round_in_two_processes_trains_data_parallel_and_saves_one_adapter(
     publish(kafka, topics.name("pairs"), pairs)
     processor, _, _ = service(settings)
     with running(processor):
-        [record] = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 1, timeout=600)
-        wait_until(
-            lambda: (
-                sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == ROUND
-            ),
-            timeout=30,
-            what="offsets committed",
-        )
+        record = wait_first_round(kafka, topics, settings)
     metrics_ = dict(record.message.metrics)
     assert metrics_["processes"] == 2 and math.isfinite(metrics_["loss"])
     # 8 pairs, 2 per device: two ranks take 4 pairs a step, so 2 steps (one process: 4).
