@@ -116,7 +116,9 @@ def service_round(settings: Any, pairs: list[Any]) -> tuple[float, dict[str, flo
         while not (runner.rounds and runner.rounds[-1].published):
             if time.monotonic() > deadline:
                 raise TimeoutError("the service round did not publish within an hour")
-            time.sleep(0.05)
+            # Seldom: this thread shares the cores with the round it times (up to 0.25 s late,
+            # against the service).
+            time.sleep(0.25)
         seconds = time.monotonic() - started
     finally:
         producer.close()
@@ -128,6 +130,22 @@ def service_round(settings: Any, pairs: list[Any]) -> tuple[float, dict[str, flo
     ]
     assert update.version == 1 and update.num_pairs == len(pairs)
     return seconds, dict(update.metrics)
+
+
+def _fresh_process(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a new Python process, as each side runs in practice.
+
+    In one shared process the side that ran second inherited the first one's state: libgomp
+    keeps an OpenMP worker pool per thread that ever ran torch ops (the plain script trains in
+    the main thread, the service in a worker thread), and with more workers than cores it stops
+    spin-waiting and sleeps between parallel regions (measured on 2 cores: 82k voluntary
+    context switches in the service's round instead of 15k in a fresh process).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _device() -> str | None:
@@ -183,16 +201,18 @@ def run(args: Any) -> dict[str, Any]:
             pairs = make_pairs(n)
             rows = to_rows(pairs)
             # Warm both paths alike: imports, the model files in the page cache (CUDA context).
-            plain_trl(settings, rows[:4], tmp_path / "warmup")
+            _fresh_process(plain_trl, settings, rows[:4], tmp_path / "warmup")
             # Alternate who goes first (plain, service | service, plain | ...): drift and
             # order effects on a noisy machine hit both sides alike.
             for i in range(passes):
                 for side in ("plain", "service") if i % 2 == 0 else ("service", "plain"):
                     if side == "plain":
-                        plain_s = plain_trl(settings, rows, tmp_path / f"plain-{i}")
+                        plain_s = _fresh_process(plain_trl, settings, rows, tmp_path / f"plain-{i}")
                         plain_rates.append(n / plain_s)
                     else:
-                        service_s, round_metrics = service_round(settings_for(f"p{i}"), pairs)
+                        service_s, round_metrics = _fresh_process(
+                            service_round, settings_for(f"p{i}"), pairs
+                        )
                         service_rates.append(n / service_s)
         finally:
             if broker is not None:

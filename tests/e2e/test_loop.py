@@ -51,6 +51,7 @@ def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
         tmp_path_factory.mktemp("runs"),
         eval_size=4,
         run_id="e2e",
+        compare_offpolicy=True,
         trainer={"max_length": 192, "max_prompt_length": 96, "per_device_batch_size": 2},
     )
 
@@ -95,7 +96,8 @@ def test_report_and_dataset_are_complete(run):
     assert report["rounds"][0]["training_s"] > 0 and report["rounds"][0]["train_metrics"]
     assert (runner.run_dir / "report.png").stat().st_size > 10_000
     assert (runner.run_dir.parent / "latest").resolve() == runner.run_dir
-    rows = pq.read_table(runner.run_dir / "pairs.parquet").to_pylist()
+    everything = pq.read_table(runner.run_dir / "pairs.parquet").to_pylist()
+    rows = [r for r in everything if r["lineage"] == "onpolicy"]
     assert len(rows) == report["rounds"][0]["pairs"] + report["rounds"][1]["pairs"]
     assert len({r["pair_id"] for r in rows}) == len(rows)  # no pair twice
     for row in rows:
@@ -112,6 +114,30 @@ def test_report_and_dataset_are_complete(run):
     ]
     assert sorted(r["pair_id"] for r in trained) == sorted(r["pair_id"] for r in rows)
     assert sorted(p.name for p in checkpoints.glob("policy-v*")) == ["policy-v1", "policy-v2"]
+
+
+def test_offpolicy_lineage_trains_as_many_pairs_all_sampled_by_the_initial_policy(run, kafka):
+    runner, report = run
+    on, off = report["lineages"]["onpolicy"], report["lineages"]["offpolicy"]
+    assert [r["policy_version"] for r in off] == [0, 1, 2]
+    # Every evaluation of both lineages is measured, after each round too (a bug once lost
+    # the off-policy lineage's evaluations after rounds 1..R-1).
+    assert all(r["eval_reward_mean"] is not None for r in on + off)
+    prefix = f"onpolicy.{runner.run_id}-off."
+    groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
+    assert {g.policy_version for g in groups if g.prompt.dataset_split == "train"} == {0}
+    evals = [g for g in groups if g.prompt.dataset_split == "eval"]
+    assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
+    # Round r trains as many pairs as the on-policy round r, while v0's pairs last.
+    available = len(list(read_topic(kafka, prefix + "pairs", m.PreferencePair)))
+    wanted = []
+    for r in on[:2]:
+        wanted.append(min(r["pairs"], available))
+        available -= wanted[-1]
+    updates = [r.message for r in read_topic(kafka, prefix + "policy", m.PolicyUpdate)]
+    assert [u.num_pairs for u in updates] == wanted == [r["pairs"] for r in off[:2]]
+    exported = pq.read_table(runner.run_dir / "pairs.parquet").to_pylist()
+    assert {r["policy_version"] for r in exported if r["lineage"] == "offpolicy"} == {0}
 
 
 def test_every_metric_the_dashboard_queries_is_served(run, vllm_server):

@@ -230,9 +230,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(str(exc), style="red", markup=False, highlight=False)
         return 2
     console.print(f"run [bold]{runner.run_id}[/] -> {runner.run_dir}")
-    with _Status() as status:
-        runner.status = status
-        report = runner.run()
+    try:
+        with _Status() as status:
+            runner.status = status
+            report = runner.run()
+    except (TimeoutError, RuntimeError) as exc:
+        # A stage that timed out or a service that died: the report keeps what finished.
+        console.print(
+            f"run failed: {exc}\nthe rounds that finished are in {runner.run_dir / 'report.json'}"
+            f"; service logs in {runner.run_dir}/*/",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
+        return 1
     print_rounds(report)
     console.print(
         f"report: {runner.run_dir / 'report.json'}, plot: {runner.run_dir / 'report.png'}"

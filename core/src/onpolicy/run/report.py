@@ -83,12 +83,14 @@ def write_report(
     wall_s: float,
     interrupted: bool,
     loop_s: float | None = None,
+    error: str | None = None,
 ) -> dict[str, Any]:
     per_lineage = {lin.name: lin.as_dicts() for lin in lineages}
     rounds = per_lineage.get("onpolicy", [])
     report: dict[str, Any] = {
         "run_id": run_id,
         "interrupted": interrupted,
+        "error": error,  # what ended a failed run early; None when it finished
         "mode": "strict" if settings.max_staleness == 0 else "overlap",
         "wall_s": round(wall_s, 1),
         "loop_s": None if loop_s is None else round(loop_s, 1),

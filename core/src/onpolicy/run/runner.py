@@ -236,18 +236,36 @@ class Runner:
         except KeyboardInterrupt:
             interrupted = True
             self.status("interrupted: services and stack stopped", final=True)
+        except Exception as exc:
+            # A stage that failed (a timeout, a service that died) still leaves the report of
+            # the rounds that finished, naming the error; the error then goes on to the caller.
+            try:
+                self._report(lineages, started, interrupted, loop_s, f"{type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("could not write the report of the failed run")
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
-        report = write_report(
+        return self._report(lineages, started, interrupted, loop_s)
+
+    def _report(
+        self,
+        lineages: list[Lineage],
+        started: float,
+        interrupted: bool,
+        loop_s: float | None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        return write_report(
             self.run_dir,
             self.run_id,
-            s,
+            self.settings,
             lineages,
             wall_s=time.monotonic() - started,
             interrupted=interrupted,
             loop_s=loop_s,
+            error=error,
         )
-        return report
 
 
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
