@@ -3,7 +3,8 @@
 Both train SmolLM2-135M with the same LoRA and DPO settings on the same synthetic pairs.
 The plain script is timed from loading the model to ``save_pretrained``; the service round
 from producing the pairs to Kafka to its PolicyUpdate being published (consume, buffer,
-train, save adapter + Parquet dataset, publish), in process, on a real local broker.
+train, save adapter + Parquet dataset, publish), on a real local broker. Each side runs in
+a fresh Python process of its own, as it would be deployed.
 Passes alternate who goes first, so drift on a noisy machine hits both (4 passes on the CPU,
 where one run's time varies by about 10%, 2 on a GPU);
 ratio = mean service pairs/s / mean plain pairs/s (goal >= 0.95).
