@@ -59,6 +59,11 @@ class RoundRecord:
     completion_tokens: int = 0
     train_metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def next_version(self) -> int:
+        """The policy after this round: a round without pairs trains nothing (``train``)."""
+        return self.policy_version + 1 if self.pairs else self.policy_version
+
 
 def tagged(
     prompt: m.Prompt,

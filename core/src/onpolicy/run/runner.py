@@ -122,7 +122,7 @@ class Runner:
         overlap = s.max_staleness > 0
         early = 0  # this round's training prompts already published (overlap mode)
         overlap_s = 0.0
-        version = 0  # goes up with each round that had pairs to train on
+        version = 0
         for r in range(s.rounds + 1):
             record = RoundRecord(round=r, policy_version=version, overlap_s=overlap_s)
             lineage.rounds.append(record)
@@ -139,8 +139,7 @@ class Runner:
             self._print_round(lineage, record)
             if r < s.rounds:
                 overlap_s = lineage.train(record, ahead)
-                if record.pairs:  # a round with no pairs trains nothing (lineage.train)
-                    version += 1
+                version = record.next_version
 
     def off_policy(self, lineage: Lineage, pairs_per_round: list[int]) -> None:
         """As many pairs per round as the on-policy run, all sampled by the initial policy."""
@@ -166,8 +165,7 @@ class Runner:
             record.pairs = min(pairs_per_round[r], available)
             available -= record.pairs
             lineage.train(record)
-            version = record.policy_version + 1 if record.pairs else record.policy_version
-            record = RoundRecord(round=r + 1, policy_version=version)
+            record = RoundRecord(round=r + 1, policy_version=record.next_version)
             lineage.rounds.append(record)
             lineage.sample_and_judge(record, [], self._eval_prompts(r + 1))
             self._print_round(lineage, record)
