@@ -29,8 +29,9 @@ def main() -> None:
     done = threading.Event()
 
     def handler(record):
-        if args.mark:
-            open(args.mark, "w").close()
+        if args.mark:  # one line per handler call
+            with open(args.mark, "a") as mark:
+                mark.write(f"{record.message.text}\n")
         time.sleep(args.slow)
         group = m.CompletionGroup(
             prompt_id=record.message.id,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from _util import committed, running, sample_value, wait_records, wait_until
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from onpolicy import messages as m
 from onpolicy.bus import (
@@ -264,6 +264,93 @@ def test_member_joining_mid_work_lets_in_flight_records_finish_and_commit(kafka,
     outputs = list(read_topic(kafka, topics.name("completions"), m.CompletionGroup))
     # Had the first member been evicted mid-drain, the second would have redone its records.
     assert sorted(r.message.prompt.text for r in outputs) == [f"p{i}" for i in range(8)]
+
+
+def test_partitions_kept_through_a_rebalance_commit_nothing_past_unfinished_records(kafka, topics):
+    """A rebalance that outlasts the drain and gives this member its partition back: the
+    records still being handled are not fetched again (the position is kept), are handled
+    once, and no commit passes them meanwhile."""
+    release = threading.Event()
+    calls = []
+
+    async def held(record):
+        import asyncio
+
+        calls.append(record.message.text)
+        while record.message.text != "late" and not release.is_set():
+            await asyncio.sleep(0.05)
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    processor = make_processor(kafka, topics, held, concurrency=8, drain_timeout_s=0.5)
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+
+    def send(text: str) -> None:
+        value, headers = encode(m.validate(m.Prompt(text=text)))
+        raw.send(topics.name("prompts"), value, headers=headers, partition=0).get(30)
+
+    for i in range(4):
+        send(f"p{i}")
+    with running(processor):
+        wait_until(lambda: processor._offsets.in_flight() == 4, what="all records in flight")
+        # A member of the same group on another topic: the group rebalances and this member,
+        # the only one on the prompts, gets its partitions back.
+        other = KafkaConsumer(
+            topics.name("completions"), **kafka.client_config(), group_id=processor.config.group_id
+        )
+        try:
+            wait_until(
+                lambda: other.poll(timeout_ms=100) is not None and other.assignment(),
+                what="the rebalance",
+            )
+        finally:
+            other.close()
+        assert processor.revocations >= 1
+        send("late")
+        wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+        time.sleep(1)  # commits go out every 0.2 s
+        assert committed(kafka, processor.config.group_id, topics.name("prompts")).get(0, 0) == 0
+        release.set()
+        wait_until(
+            lambda: committed(kafka, processor.config.group_id, topics.name("prompts")).get(0) == 5,
+            what="commit",
+        )
+    raw.close()
+    assert sorted(calls) == ["late", "p0", "p1", "p2", "p3"]
+    outputs = list(read_topic(kafka, topics.name("completions"), m.CompletionGroup))
+    assert sorted(r.message.prompt.text for r in outputs) == ["late", "p0", "p1", "p2", "p3"]
+
+
+def test_evicted_member_handles_a_record_fetched_again_mid_handling_once(kafka, topics, tmp_path):
+    """A member stalled past the session timeout (GC pause, starved CPU) is evicted; it rejoins,
+    gets its partition back and re-reads it from the last commit while the first delivery is
+    still being handled. That record must be produced once, not twice."""
+    env = {**os.environ, "BOOTSTRAP": kafka.bootstrap_servers, "PREFIX": topics.prefix}
+    started = tmp_path / "started"
+    Producer(kafka).send_sync(topics.name("prompts"), m.Prompt(text="stalled"))
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "_echo_worker.py"),
+            "--slow",
+            "20",
+            "--mark",
+            str(started),
+            "--exit-when-idle",
+        ],
+        env=env,
+    )
+    try:
+        wait_until(started.exists, timeout=120, what="the record to be in flight")
+        worker.send_signal(signal.SIGSTOP)
+        time.sleep(9)  # past the worker's 6 s session timeout: the broker evicts it
+        worker.send_signal(signal.SIGCONT)
+        assert worker.wait(timeout=120) == 0
+    finally:
+        worker.kill()
+    assert started.read_text().splitlines() == ["stalled"]  # the handler ran once
+    outputs = list(read_topic(kafka, topics.name("completions"), m.CompletionGroup))
+    assert [o.message.prompt.text for o in outputs] == ["stalled"]
+    assert sum(committed(kafka, f"{topics.prefix}echo", topics.name("prompts")).values()) == 1
 
 
 def test_concurrent_handlers_commit_only_finished_prefix(kafka, topics):

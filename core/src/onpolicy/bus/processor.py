@@ -10,9 +10,12 @@ Guarantees (at-least-once, nothing lost):
 - A record that cannot be decoded or is invalid goes to the dead-letter topic with the reason;
   other failures are retried with backoff, then dead-lettered; a :class:`TransientError`
   (a backend that is down) is retried until it recovers, committing nothing meanwhile.
-- Duplicates (same record id, i.e. same Kafka key) seen recently are dropped and counted.
+- Duplicates (same record id, i.e. same Kafka key) seen recently are dropped and counted;
+  a record fetched again while its first delivery is still being handled (the member was
+  evicted and rejoined) waits for that one rather than being handled twice.
 - On partition revoke and on stop (SIGTERM, Ctrl-C) in-flight work gets ``drain_timeout_s``
-  to finish; what finished is committed, the rest is left uncommitted for the next owner.
+  to finish; what finished is committed, the rest is left uncommitted for the next owner
+  (or, when the partition comes back to this member, still committed only once it is done).
 """
 
 from __future__ import annotations
@@ -121,6 +124,10 @@ class _Offsets:
                     out[tp] = position
             return out
 
+    def tracked(self) -> list[TopicPartition]:
+        with self.lock:
+            return list(self.next.keys() | self.pending.keys())
+
     def forget(self, tps: Sequence[TopicPartition]) -> None:
         with self.lock:
             for tp in tps:
@@ -151,6 +158,7 @@ class _Listener(AsyncConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self.processor._on_assigned(list(assigned))
 
 
 class Processor(Generic[M]):
@@ -178,6 +186,8 @@ class Processor(Generic[M]):
         self._own_producer = producer is None
         self._offsets = _Offsets()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # Record ids being handled now -> their outcome; only touched on the handler loop.
+        self._handling: dict[str, asyncio.Future[bool]] = {}
         self._stop = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
@@ -348,7 +358,7 @@ class Processor(Generic[M]):
             while self._offsets.in_flight(revoked) and time.monotonic() < deadline:
                 await coordinator._net.sleep(0.05)
             if left := self._offsets.in_flight(revoked):
-                log.warning("%d records unfinished at revoke; they will be redelivered", left)
+                log.warning("%d records unfinished at revoke (redone if the partition moves)", left)
             positions = self._offsets.to_commit(revoked)
             if positions:
                 offsets = {tp: OffsetAndMetadata(pos, "", -1) for tp, pos in positions.items()}
@@ -356,7 +366,14 @@ class Processor(Generic[M]):
                     await coordinator._commit_offsets_sync_async(offsets)
                 except KafkaError as exc:
                     log.warning("commit at revoke failed (records will be redelivered): %s", exc)
-        self._offsets.forget(revoked)
+        # Forgotten only once the new assignment is known: a partition this member gets back
+        # keeps its fetch position (kafka-python keeps retained partitions' state), so its
+        # unfinished records are not fetched again and must stay pending here, or a later
+        # commit would pass them.
+
+    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        gone = set(self._offsets.tracked()) - set(assigned)
+        self._offsets.forget(list(gone))
 
     def _on_lost(self, lost: list[TopicPartition]) -> None:
         if not self._stop.is_set():
@@ -387,11 +404,32 @@ class Processor(Generic[M]):
             return await self._dead_letter(raw, exc.kind, str(exc), attempts=1)
 
         record_key = message.id  # type: ignore[attr-defined]
-        if record_key in self._seen:
+        first = self._handling.get(record_key)
+        # The same record again while its first delivery is still being handled: this member
+        # was evicted (stalled past the session timeout), rejoined and re-read the partition
+        # from the last commit. Handling it twice would produce its outputs twice, so wait
+        # for the first; if that one was abandoned (shutdown), leave this one pending too.
+        if first is not None and not await asyncio.shield(first):
+            return False
+        if first is not None or record_key in self._seen:
             self.m_dupes.labels(topic).inc()
             log.debug("dropping duplicate %s at %s[%d]@%d", record_key, topic, partition, offset)
             return True
 
+        outcome = self._handling[record_key] = self._loop.create_future()
+        ok = False
+        try:
+            ok = await self._handle(raw, message, record_key)
+        finally:
+            del self._handling[record_key]
+            outcome.set_result(ok)
+        if ok:
+            self.m_seconds.labels(topic).observe(time.monotonic() - started)
+        return ok
+
+    async def _handle(self, raw: object, message: M, record_key: str) -> bool:
+        """Run the handler with retries; True once its outputs (or dead letter) are acked."""
+        topic, partition, offset = raw.topic, raw.partition, raw.offset  # type: ignore[attr-defined]
         attempt = 0
         backoff = self.config.retry_backoff_s
         while True:
@@ -443,7 +481,6 @@ class Processor(Generic[M]):
                 backoff = min(backoff * 2, self.config.max_backoff_s)
         self.backend_ok = True
         self._remember(record_key)
-        self.m_seconds.labels(topic).observe(time.monotonic() - started)
         return True
 
     def _remember(self, key: str) -> None:
