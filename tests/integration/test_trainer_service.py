@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
-from _util import committed, running, wait_records, wait_until
+from _util import committed, running, sample_value, wait_records, wait_until
 from fastapi.testclient import TestClient
 
 from onpolicy import messages as m
@@ -153,8 +153,15 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
             lambda: len(processor.runner.buffer) == 1, timeout=30, what="fresh pair buffered"
         )
         assert client.get("/policy").json()["buffered_pairs"] == 1
-        # The second copy arrives while the first is buffered: the trainer drops it by id.
-        wait_until(lambda: dropped("duplicate") == 1, timeout=30, what="duplicate dropped")
+        # The second copy arrives while the first is buffered: the bus drops it by id (its
+        # handler never runs) and holds its offset until the first one's round is published.
+        wait_until(
+            lambda: (
+                sample_value(metrics, "duplicates_dropped_total", topic=topics.name("pairs")) == 1
+            ),
+            timeout=30,
+            what="duplicate dropped",
+        )
         # The buffered pair holds its partition's offset: only the two stale ones commit.
         wait_until(
             lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 2,
@@ -176,7 +183,7 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
     assert records[1].message.num_pairs == 1
     table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-2.parquet")
     assert table.column("pair_id").to_pylist() == [fresh.id]
-    assert dropped("stale") == 2
+    assert dropped("stale") == 2 and dropped("duplicate") == 0
 
 
 def test_round_in_two_processes_trains_data_parallel_and_saves_one_adapter(

@@ -405,16 +405,16 @@ class Processor(Generic[M]):
 
         record_key = message.id  # type: ignore[attr-defined]
         first = self._handling.get(record_key)
-        # The same record again while its first delivery is still being handled: this member
-        # was evicted (stalled past the session timeout), rejoined and re-read the partition
-        # from the last commit. Handling it twice would produce its outputs twice, so wait
-        # for the first; if that one was abandoned (shutdown), leave this one pending too.
-        if first is not None and not await asyncio.shield(first):
-            return False
         if first is not None or record_key in self._seen:
             self.m_dupes.labels(topic).inc()
             log.debug("dropping duplicate %s at %s[%d]@%d", record_key, topic, partition, offset)
-            return True
+            if first is None:
+                return True
+            # A copy of a record still being handled (e.g. this member was evicted, rejoined
+            # and re-read the partition from the last commit; it may be the very same offset):
+            # its handler must not run twice, and its offset counts as done only once the
+            # first's outputs are acknowledged. Abandoned (shutdown): leave it pending too.
+            return await asyncio.shield(first)
 
         outcome = self._handling[record_key] = self._loop.create_future()
         ok = False

@@ -210,7 +210,8 @@ class RoundRunner:
             self._loop = asyncio.get_running_loop()
             self._lock = asyncio.Lock()
         pair = record.message
-        # Buffered or training ids count as seen too (a second copy while the first waits).
+        # Buffered or training ids count as seen too (the bus already holds back a copy of a
+        # record still being handled; this guards the buffer itself).
         if pair.id in self.claimed:
             verdict = "duplicate"
         else:
