@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from _util import committed, running, sample_value, wait_records, wait_until
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from onpolicy import messages as m
 from onpolicy.bus import (
@@ -456,3 +458,56 @@ def test_service_server_is_ready_only_while_connected(kafka, topics):
             assert b"onpolicy_test_" in httpx.get(f"{url}/metrics").content
     finally:
         server.stop()
+
+
+def test_a_group_join_finished_between_polls_is_applied(kafka, topics):
+    """kafka-python 3.0.12 drops a join that finishes while no poll awaits it; when a metadata
+    change started that join (here: partitions added to the topic), the member then never
+    applies it, so never reads the new partitions, cannot commit and is evicted
+    (``onpolicy.bus._kafka_fixes``). Reproduced step by step with a plain consumer."""
+    topic = topics.name("prompts")
+    consumer = KafkaConsumer(
+        topic,
+        **kafka.client_config(),
+        group_id=f"{topics.prefix}join",
+        session_timeout_ms=kafka.session_timeout_ms,
+        heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        max_poll_interval_ms=kafka.max_poll_interval_ms,
+        metadata_max_age_ms=300,  # sees the new partition without being polled
+        enable_auto_commit=False,
+    )
+    coordinator = consumer._coordinator
+    try:
+        wait_until(
+            lambda: consumer.poll(timeout_ms=200) is not None and consumer.assignment(),
+            what="the consumer joins",
+        )
+        admin = KafkaAdminClient(**kafka.client_config())
+        try:
+            admin.create_partitions({topic: 3})
+        finally:
+            admin.close()
+        # The leader (the only member) must rejoin to assign partition 2; nothing flags it.
+        wait_until(
+            lambda: coordinator._assignment_snapshot != coordinator._metadata_snapshot,
+            what="the consumer sees the new partition",
+        )
+        consumer.poll(timeout_ms=1)  # starts that join and gives up before it finishes
+        wait_until(lambda: coordinator._join_task.is_done, what="the join finishes unawaited")
+
+        offsets = {TopicPartition(topic, 2): OffsetAndMetadata(0, "", -1)}
+
+        def commits_on_the_new_partition() -> bool:
+            consumer.poll(timeout_ms=200)
+            try:
+                consumer.commit(offsets)
+            except KafkaError:
+                return False
+            return True
+
+        # Unpatched, the consumer keeps its two old partitions and no generation it can commit
+        # in, until the test gives up.
+        wait_until(commits_on_the_new_partition, timeout=30, what="the join applied")
+        assert consumer.assignment() == {TopicPartition(topic, p) for p in range(3)}
+    finally:
+        consumer.close()

@@ -39,6 +39,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from onpolicy import ids
+from onpolicy.bus import _kafka_fixes  # noqa: F401  (kafka-python's group join; see there)
 from onpolicy.bus.producer import Producer
 from onpolicy.messages import DeadLetter, validate
 from onpolicy.serde import RecordError, decode
