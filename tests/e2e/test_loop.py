@@ -172,9 +172,10 @@ def overlap_run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
         tmp_path_factory.mktemp("runs"),
         max_staleness=1,
         eval_size=2,
-        # Longer answers end (and differ) more often: at 40 tokens all of a round's groups
-        # were once cut alike, tied, and the round made no pairs.
-        max_tokens=56,
+        # Room for most answers to end (SmolLM2 averages ~58 tokens), so a group's samples
+        # differ in length and score: at 40 tokens all of a round's groups were once cut
+        # alike, tied under the judge, and the round made no pairs.
+        max_tokens=96,
         run_id="e2e-overlap",
         trainer={"max_length": 160, "max_prompt_length": 96, "per_device_batch_size": 2},
     )
