@@ -150,16 +150,29 @@ class Runner:
         lineage.rounds.append(record)
         lineage.publish(everything)
         lineage.sample_and_judge(record, [], self._eval_prompts(0), s.prompts_per_round)
-        lineage.wait(
-            lambda: (
-                (lineage.refresh() or True)
-                and sum(x.group.prompt.dataset_split == "train" for x in lineage.scored.records)
-                >= len(everything)
-            ),
-            "off-policy samples",
-        )
-        lineage.refresh()
-        available = sum(p.prompt.dataset_split == "train" for p in lineage.pairs.records)
+        available = self._off_policy_pairs(lineage, len(everything))
+        # A group whose samples tie makes no pair, and the initial policy ties more often than
+        # a trained one (its answers run into max_tokens alike): top up with the prompt set's
+        # next prompts, as many rounds' worth at most as the run has, so that both lineages
+        # train on as many pairs where the set allows.
+        extra = s.rounds
+        while (
+            available < sum(pairs_per_round)
+            and extra < 2 * s.rounds
+            and (
+                s.prompt_epochs
+                or (extra + 1) * s.prompts_per_round <= len(self.train_source.prompts)
+            )
+        ):
+            more = self._train_prompts(extra)
+            self.status(
+                f"[offpolicy] {available} pairs, {sum(pairs_per_round)} wanted: sampling "
+                f"{len(more)} more prompts with the initial policy"
+            )
+            lineage.publish(more)
+            everything += more
+            extra += 1
+            available = self._off_policy_pairs(lineage, len(everything))
         self._print_round(lineage, record)
         for r in range(s.rounds):
             record.pairs = min(pairs_per_round[r], available)
@@ -169,6 +182,20 @@ class Runner:
             lineage.rounds.append(record)
             lineage.sample_and_judge(record, [], self._eval_prompts(r + 1))
             self._print_round(lineage, record)
+
+    @staticmethod
+    def _off_policy_pairs(lineage: Lineage, groups: int) -> int:
+        """The training pairs once all ``groups`` published training prompts are judged."""
+        lineage.wait(
+            lambda: (
+                (lineage.refresh() or True)
+                and sum(x.group.prompt.dataset_split == "train" for x in lineage.scored.records)
+                >= groups
+            ),
+            "off-policy samples",
+        )
+        lineage.refresh()
+        return sum(p.prompt.dataset_split == "train" for p in lineage.pairs.records)
 
     def _print_round(self, lineage: Lineage, record: RoundRecord) -> None:
         mean = "-" if record.eval_reward_mean is None else f"{record.eval_reward_mean:.3f}"

@@ -29,7 +29,11 @@ class RunSettings(ServiceSettings):
     eval_temperature: float = Field(0.7, ge=0, description="sampling temperature of evaluations")
     eval_samples: int = Field(2, ge=1, description="samples per held-out prompt")
     max_staleness: int = Field(0, ge=0, le=1, description="0 strict on-policy, 1 one-step-off")
-    compare_offpolicy: bool = Field(False, description="also train on base-policy samples only")
+    compare_offpolicy: bool = Field(
+        False,
+        description="also train as many pairs per round, all sampled by the initial policy "
+        "(more of the prompt set is sampled when ties leave too few)",
+    )
     seed: int = 0
 
     runs_dir: Path = Field(Path("runs"), description="run folders are made here")
