@@ -4,8 +4,8 @@
 it only as long as the poll's own timeout. When the task finishes while no poll awaits it
 (the gap between polls; long on a starved CPU), kafka-python drops the result:
 
-- if a rejoin is still flagged, the next poll starts a new JoinGroup, so a group leader
-  starts one more rebalance, possibly again and again;
+- if a rejoin is still flagged, the next poll starts a new JoinGroup instead (for a group
+  leader: one more rebalance of the whole group);
 - if the rejoin came from a metadata change the leader saw (partitions added, or a member
   subscribed to a topic the leader had no metadata for), the dropped join has already updated
   the leader's snapshot, nothing is flagged any more, and the member never applies its
@@ -18,13 +18,9 @@ this does the same. Only 3.0.12 is patched: the test that reproduces the bug ste
 
 from __future__ import annotations
 
-import logging
-
 import kafka
 from kafka.coordinator.base import BaseCoordinator
 from kafka.structs import MemberState
-
-log = logging.getLogger(__name__)
 
 PATCHED_VERSIONS = ("3.0.12",)
 

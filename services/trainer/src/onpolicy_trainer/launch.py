@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from onpolicy_trainer.dpo import RoundAborted, RoundResult, train_round
+from onpolicy_trainer.dpo import RoundAborted, RoundResult, preload, train_round
 from onpolicy_trainer.pairs import Row
 from onpolicy_trainer.settings import TrainerSettings
 
@@ -47,8 +47,14 @@ def processes(settings: TrainerSettings) -> int:
 
 
 def train_fn(settings: TrainerSettings) -> Callable[..., RoundResult]:
-    """The round function for these settings: in the service, or data-parallel."""
-    return train_round_distributed if processes(settings) > 1 else train_round
+    """The round function for these settings: in the service, or data-parallel.
+
+    In the service, the training stack is imported here, at start (see ``dpo.preload``).
+    """
+    if processes(settings) > 1:
+        return train_round_distributed
+    preload()
+    return train_round
 
 
 def train_round_distributed(
