@@ -155,9 +155,9 @@ class Runner:
         # a trained one (its answers run into max_tokens alike): top up with the prompt set's
         # next prompts, as many rounds' worth at most as the run has, so that both lineages
         # train on as many pairs where the set allows.
-        extra = s.rounds
+        wanted, extra = sum(pairs_per_round), s.rounds
         while (
-            available < sum(pairs_per_round)
+            available < wanted
             and extra < 2 * s.rounds
             and (
                 s.prompt_epochs
@@ -166,7 +166,7 @@ class Runner:
         ):
             more = self._train_prompts(extra)
             self.status(
-                f"[offpolicy] {available} pairs, {sum(pairs_per_round)} wanted: sampling "
+                f"[offpolicy] {available} pairs, {wanted} wanted: sampling "
                 f"{len(more)} more prompts with the initial policy"
             )
             lineage.publish(more)
