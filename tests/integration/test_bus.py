@@ -511,3 +511,61 @@ def test_a_group_join_finished_between_polls_is_applied(kafka, topics):
         assert consumer.assignment() == {TopicPartition(topic, p) for p in range(3)}
     finally:
         consumer.close()
+
+
+def test_the_poll_loop_waits_when_idle_or_full_and_resumes_when_a_record_finishes(
+    kafka, topics, monkeypatch
+):
+    """Polls every 100 ms woke the service ~70 times a second with nothing to do, CPU a
+    trainer's training steps paid for; now an idle poll waits ``poll_timeout_s`` and a full
+    window sleeps until one of its records finishes."""
+    polls: list[float] = []
+    real_poll = KafkaConsumer.poll
+
+    def counting_poll(self, *args, **kwargs):
+        if self is processor._consumer:
+            polls.append(time.monotonic())
+        return real_poll(self, *args, **kwargs)
+
+    monkeypatch.setattr(KafkaConsumer, "poll", counting_poll)
+    release = threading.Event()
+
+    def handler(record):
+        if record.message.text == "held":
+            release.wait(60)
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    processor = make_processor(kafka, topics, handler, concurrency=1, poll_timeout_s=1.0)
+
+    def polls_during(seconds: float) -> int:
+        start = time.monotonic()
+        time.sleep(seconds)
+        return sum(1 for t in polls if start <= t < start + seconds)
+
+    producer = Producer(kafka)
+    try:
+        with running(processor):
+            wait_until(lambda: processor.kafka_connected and polls, 30, "the processor polls")
+            wait_until(lambda: processor._consumer.assignment(), 30, "partitions assigned")
+            # The 100 ms loop polled ~30 times in 3 s; one poll a second now (+1 at the edges).
+            assert polls_during(3.0) <= 4
+
+            producer.send_sync(topics.name("prompts"), m.Prompt(text="held"))
+            producer.send_sync(topics.name("prompts"), m.Prompt(text="next"))
+            wait_until(lambda: processor._offsets.in_flight() == 1, 30, "the window is full")
+            assert polls_during(3.0) <= 4  # full: no busy polling while the record is held
+
+            release.set()
+            records = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
+            assert sorted(r.message.prompt.text for r in records) == ["held", "next"]
+            wait_until(
+                lambda: (
+                    sum(
+                        committed(kafka, processor.config.group_id, topics.name("prompts")).values()
+                    )
+                    == 2
+                ),
+                what="both records committed",
+            )
+    finally:
+        producer.close()
