@@ -12,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -184,6 +186,51 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
     table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-2.parquet")
     assert table.column("pair_id").to_pylist() == [fresh.id]
     assert dropped("stale") == 2 and dropped("duplicate") == 0
+
+
+def test_next_rounds_pairs_wait_in_kafka_while_a_round_trains(kafka, topics, model_dir, tmp_path):
+    """A full round pauses the consumer: pairs that arrive during it are fetched after it."""
+    from onpolicy_trainer.dpo import train_round
+    from onpolicy_trainer.rounds import RoundRunner
+
+    settings = settings_for(kafka, topics, model_dir, tmp_path / "ckpt")
+    first = make_pairs(ROUND, policy_version=0)
+    second = make_pairs(ROUND, policy_version=1, round_=10)
+    started, release = threading.Event(), threading.Event()
+
+    def train(*args, **kwargs):
+        if not started.is_set():  # round 1 waits here until the test has looked
+            started.set()
+            assert release.wait(120)
+        return train_round(*args, **kwargs)
+
+    metrics = Metrics("trainer")
+    producer = Producer(settings.kafka, client_id=settings.group_id)
+    runner = RoundRunner(settings, metrics, producer, train=train)
+    processor = build(
+        settings, metrics, ServiceServer("trainer", metrics, HttpSettings(port=0)), runner
+    )
+    publish(kafka, topics.name("pairs"), first)
+    with running(processor):
+        assert started.wait(120), "round 1 did not start"
+        publish(kafka, topics.name("pairs"), second)
+        time.sleep(5)  # an unpaused consumer fetches them within a poll (1 s)
+        consumed = sample_value(metrics, "records_consumed_total", topic=topics.name("pairs"))
+        buffered = len(runner.buffer)
+        release.set()
+        records = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 2, timeout=600)
+        wait_until(
+            lambda: (
+                sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 2 * ROUND
+            ),
+            timeout=30,
+            what="both rounds' offsets committed",
+        )
+
+    assert (consumed, buffered) == (ROUND, 0)
+    assert [r.message.version for r in records] == [1, 2]
+    table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-2.parquet")
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(p.id for p in second)
 
 
 def test_round_in_two_processes_trains_data_parallel_and_saves_one_adapter(

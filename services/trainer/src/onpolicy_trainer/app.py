@@ -45,10 +45,14 @@ def build(
         source=settings.topics.name("pairs"),
         message_type=m.PreferencePair,
         handler=runner.handle,
-        # Two rounds' worth in flight: the next round buffers while this one trains.
+        # One round's worth in flight: while a full round trains, the window is full and the
+        # consumer is paused, so the next round's pairs wait in Kafka (fetched in moments once
+        # the round publishes) instead of being fetched during training. Fetching beside a
+        # round on the CPU costs its training steps: the consumer's long polls and the
+        # broker's fetch handling take turns on the cores the steps use.
         config=ProcessorConfig(
             group_id=settings.group_id,
-            concurrency=2 * settings.round_size,
+            concurrency=settings.round_size,
             drain_timeout_s=settings.drain_timeout_s,
         ),
         metrics=metrics,
