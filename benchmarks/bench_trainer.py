@@ -5,13 +5,19 @@ The plain script is timed from loading the model to ``save_pretrained``; the ser
 from producing the pairs to Kafka to its PolicyUpdate being published (consume, buffer,
 train, save adapter + Parquet dataset, publish), on a real local broker. Each side runs in
 a fresh Python process of its own, as it would be deployed.
-Passes alternate who goes first, so drift on a noisy machine hits both (4 passes on the CPU,
-where one run's time varies by about 10%, 2 on a GPU);
 ratio = mean service pairs/s / mean plain pairs/s (goal >= 0.95).
 
-On a GPU both sides train in bf16 (the service's rule: weights and autocast in bf16 where the
-GPU supports it), on more pairs (``--pairs``, default 512) so that steps, not start-up, dominate;
-the result goes to ``results/trainer-gpu.json`` and names the device.
+On the CPU the two sides run side by side, at the same time: each in its own process pinned
+to a core of its own with one torch thread, both clocks started together, cores swapped every
+pass (4 passes). The machines this runs on are shared VMs whose speed moves in phases of a
+minute or two (the same 4-pair plain TRL run took 13.5-15.7 s in some runs, 17.8-21.6 s in
+others), so passes run one after the other read 0.89-0.98 in three runs of nearly the same
+code, each side's time depending on the phases it landed in. Side by side, both see the same.
+
+On a GPU the sides run one after the other (2 passes alternating who goes first), both in
+bf16 (the service's rule: weights and autocast in bf16 where the GPU supports it), on more
+pairs (``--pairs``, default 512) so that steps, not start-up, dominate; the result goes to
+``results/trainer-gpu.json`` and names the device.
 """
 
 from __future__ import annotations
@@ -37,14 +43,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def plain_trl(settings: Any, rows: list[dict[str, Any]], out: Path) -> float:
-    """The baseline: what a user would write with TRL directly. Returns seconds."""
+def plain_trl(settings: Any, rows: list[dict[str, Any]], out: Path, start: Any = None) -> float:
+    """The baseline: what a user would write with TRL directly. Returns seconds.
+
+    ``start``: a barrier both sides wait at, set up, before their clocks start.
+    """
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    if start is not None:
+        start.wait()
     started = time.monotonic()
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
@@ -90,7 +101,9 @@ def plain_trl(settings: Any, rows: list[dict[str, Any]], out: Path) -> float:
     return time.monotonic() - started
 
 
-def service_round(settings: Any, pairs: list[Any]) -> tuple[float, dict[str, float]]:
+def service_round(
+    settings: Any, pairs: list[Any], start: Any = None
+) -> tuple[float, dict[str, float]]:
     """One round of the real service (processor + runner) fed through Kafka."""
     from onpolicy import messages as m
     from onpolicy.bus import Producer, ensure_topics, read_topic
@@ -109,6 +122,8 @@ def service_round(settings: Any, pairs: list[Any]) -> tuple[float, dict[str, flo
     producer = Producer(settings.kafka)
     try:
         time.sleep(3)  # let the consumer join its group before the clock starts
+        if start is not None:
+            start.wait()
         started = time.time()
         for pair in pairs:
             producer.send(settings.topics.name("pairs"), pair)
@@ -148,6 +163,33 @@ def _fresh_process(fn: Any, *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
+def _on_core(core: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` pinned to one core with one torch thread (in a fresh process)."""
+    os.sched_setaffinity(0, {core})  # threads started from here on inherit it
+    import torch
+
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def _side_by_side(plain: tuple[Any, ...], service: tuple[Any, ...], cores: tuple[int, int]) -> Any:
+    """Run ``plain_trl(*plain)`` and ``service_round(*service)`` at once, each in a fresh
+    process on its own core; both clocks start together. Returns (plain, service) results."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        start = manager.Barrier(2, timeout=600)
+        with (
+            ProcessPoolExecutor(1, mp_context=ctx) as a,
+            ProcessPoolExecutor(1, mp_context=ctx) as b,
+        ):
+            fa = a.submit(_on_core, cores[0], plain_trl, *plain, start)
+            fb = b.submit(_on_core, cores[1], service_round, *service, start)
+            return fa.result(), fb.result()
+
+
 def _device() -> str | None:
     """The GPU's name, or None on a CPU-only machine."""
     import torch
@@ -181,6 +223,10 @@ def run(args: Any) -> dict[str, Any]:
             broker.start()
             bootstrap = broker.bootstrap
         passes = 1 if quick else 2 if gpu else 4
+        usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        side_by_side = not gpu and len(usable) >= 2
+        cores = (usable[0], usable[1]) if side_by_side else (0, 0)
+        pass_cores: list[dict[str, int]] = []
         plain_rates: list[float] = []
         service_rates: list[float] = []
         try:
@@ -193,6 +239,8 @@ def run(args: Any) -> dict[str, Any]:
                     model=str(model),
                     checkpoint_uri=str(tmp_path / f"ckpt-{tag}"),
                     round_size=round_size,
+                    # Side by side each side has one core; the service's own setting says so.
+                    torch_threads=1 if side_by_side else 0,
                     max_length=192,
                     max_prompt_length=96,
                 )
@@ -205,11 +253,31 @@ def run(args: Any) -> dict[str, Any]:
             # paths on first use (measured once on 2 cores: the broker took 46 ms of CPU a
             # second during the first service pass's training, 31 during a later one's), which
             # a long-running broker has long done.
-            _fresh_process(plain_trl, settings, rows[:4], tmp_path / "warmup")
-            _fresh_process(service_round, settings_for("warmup", round_size=4), pairs[:4])
-            # Alternate who goes first (plain, service | service, plain | ...): drift and
-            # order effects on a noisy machine hit both sides alike.
+            if side_by_side:
+                _side_by_side(
+                    (settings, rows[:4], tmp_path / "warmup"),
+                    (settings_for("warmup", round_size=4), pairs[:4]),
+                    cores,
+                )
+            else:
+                _fresh_process(plain_trl, settings, rows[:4], tmp_path / "warmup")
+                _fresh_process(service_round, settings_for("warmup", round_size=4), pairs[:4])
             for i in range(passes):
+                if side_by_side:
+                    # Swap cores every pass: a core that is slower (its host neighbours)
+                    # slows each side alike.
+                    on = cores if i % 2 == 0 else cores[::-1]
+                    plain_s, (service_s, round_metrics) = _side_by_side(
+                        (settings, rows, tmp_path / f"plain-{i}"),
+                        (settings_for(f"p{i}"), pairs),
+                        on,
+                    )
+                    plain_rates.append(n / plain_s)
+                    service_rates.append(n / service_s)
+                    pass_cores.append({"plain_trl": on[0], "service": on[1]})
+                    continue
+                # One after the other, alternating who goes first (plain, service | service,
+                # plain | ...): drift and order effects hit both sides alike.
                 for side in ("plain", "service") if i % 2 == 0 else ("service", "plain"):
                     if side == "plain":
                         plain_s = _fresh_process(plain_trl, settings, rows, tmp_path / f"plain-{i}")
@@ -228,11 +296,15 @@ def run(args: Any) -> dict[str, Any]:
     plain_s, service_s = n / plain_pps, n / service_pps
     ratio = service_pps / plain_pps
     load = os.getloadavg()[0]
-    cores = os.cpu_count()
+    how = (
+        "side by side, one core and one torch thread each"
+        if side_by_side
+        else "one after the other"
+    )
     where = (
         f"bf16 on one {gpu}"
         if gpu
-        else f"fp32 on {os.cpu_count()} CPU cores (load avg {load:.1f}), no GPU"
+        else f"fp32 on {os.cpu_count()} CPU cores (load avg {load:.1f}), no GPU, {how}"
     )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r={settings.lora_r} on {','.join(settings.target_modules)}, "
@@ -251,14 +323,20 @@ def run(args: Any) -> dict[str, Any]:
             "plain_trl": [round(x, 4) for x in plain_rates],
             "service": [round(x, 4) for x in service_rates],
         },
+        "method": how,
+        **({"pass_cores": pass_cores} if side_by_side else {}),
         "round_metrics": {k: round(v, 4) for k, v in round_metrics.items()},
         "setup": setup,
         "gpu": gpu or "none (this run: CPU only)",
         "summary": (
             f"trainer{' (GPU)' if gpu else ''}: service round {service_pps:.3f} pairs/s vs plain "
-            f"TRL DPOTrainer {plain_pps:.3f} pairs/s = {ratio:.2f}x (goal >= 0.95); {n} pairs, "
+            f"TRL DPOTrainer {plain_pps:.3f} pairs/s = {ratio:.3f}x (goal >= 0.95); {n} pairs, "
             f"SmolLM2-135M LoRA r={settings.lora_r}, "
-            + (f"bf16 on one {gpu}" if gpu else f"fp32 on {cores} CPU cores, load avg {load:.1f}")
+            + (
+                f"bf16 on one {gpu}"
+                if gpu
+                else f"fp32 on {os.cpu_count()} CPU cores ({how}), load avg {load:.1f}"
+            )
         ),
     }
     if gpu:

@@ -31,6 +31,43 @@ def test_broker_formats_even_when_the_cluster_id_starts_with_a_dash(tmp_path, mo
     assert not port_open("127.0.0.1", settings.kafka_port)
 
 
+def test_both_broker_profiles_serve_and_small_runs_fewer_threads(tmp_path):
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    threads = {}
+    for profile in ("kafka", "small"):
+        settings = StackSettings(
+            state_dir=tmp_path / profile,
+            kafka_port=free_port(),
+            kafka_controller_port=free_port(),
+            kafka_profile=profile,
+        )
+        broker = KafkaBroker(settings)
+        try:
+            broker.start()
+            admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+            admin.create_topics([NewTopic("t", num_partitions=1, replication_factor=1)])
+            admin.close()
+            producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+            producer.send("t", key=b"k", value=profile.encode()).get(timeout=30)
+            producer.close()
+            consumer = KafkaConsumer(
+                "t",
+                bootstrap_servers=broker.bootstrap,
+                auto_offset_reset="earliest",
+                consumer_timeout_ms=20_000,
+            )
+            assert [r.value for r in consumer] == [profile.encode()]
+            consumer.close()
+            threads[profile] = len(os.listdir(f"/proc/{broker.process.pid()}/task"))
+        finally:
+            broker.stop()
+    # Kafka's defaults: 3 network threads per listener, 8 request handlers, G1 and C2
+    # compiler threads; the small profile keeps one or two of each.
+    assert threads["small"] < threads["kafka"] - 20, threads
+
+
 def test_up_status_down(tmp_path):
     port = free_port()
     env = {

@@ -99,6 +99,22 @@ def ensure_kafka_jars(settings: StackSettings) -> Path:
     return libs
 
 
+# The "small" profile: a broker on a developer's machine or a CI runner serves a handful of
+# clients, on cores that the trainer's and vLLM's threads need. Kafka's defaults (3 network
+# threads per listener, 8 request handlers, G1, the full JIT) suit a server: idle, that broker
+# woke ~280 times a second and took 29-41 ms of CPU a second here (2 cores), much of it C2
+# still compiling a minute after start; each wake-up preempts a training or vLLM thread.
+# `python -m benchmarks stack` measures both profiles side by side.
+_SMALL_PROPS = {
+    "num.network.threads": "1",
+    "num.io.threads": "2",
+    "background.threads": "2",
+    "group.coordinator.threads": "1",
+    "share.coordinator.threads": "1",
+}
+_SMALL_JVM = ["-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"]
+
+
 def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
@@ -147,6 +163,8 @@ class KafkaBroker:
             "message.max.bytes": str(s.kafka.max_request_size),
             "num.partitions": "1",
         }
+        if s.kafka_profile == "small":
+            props |= _SMALL_PROPS
         path = self.state / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         (self.state / "log4j2.yaml").write_text(_LOG4J2)
@@ -197,7 +215,7 @@ class KafkaBroker:
                 java,
                 f"-Xmx{self.settings.kafka_heap}",
                 f"-Xms{self.settings.kafka_heap}",
-                "-XX:+UseG1GC",
+                *(_SMALL_JVM if self.settings.kafka_profile == "small" else ["-XX:+UseG1GC"]),
                 "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={self.state / 'log4j2.yaml'}",
                 "-cp",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -28,6 +29,12 @@ class StackSettings(ServiceSettings):
     kafka_port: int = Field(9092, ge=1, le=65535)
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
     kafka_heap: str = "512m"
+    kafka_profile: Literal["small", "kafka"] = Field(
+        "small",
+        description="small: few broker threads, serial GC and the JVM's quick compiler only, "
+        "for one machine's stack (an idle broker takes about half the CPU and wakes a third "
+        "less often, see `make bench`); kafka: Kafka's and the JVM's own defaults",
+    )
     external_kafka: bool = Field(
         False, description="a broker already runs at kafka.bootstrap_servers: start none"
     )

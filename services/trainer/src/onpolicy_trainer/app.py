@@ -31,14 +31,11 @@ def add_routes(server: ServiceServer, runner: RoundRunner) -> None:
 
 
 def build(
-    settings: TrainerSettings,
-    metrics: Metrics,
-    server: ServiceServer,
-    runner: RoundRunner | None = None,
+    settings: TrainerSettings, metrics: Metrics, server: ServiceServer
 ) -> Processor[m.PreferencePair]:
     """The trainer's processor; recovers the current version before consuming."""
-    producer = runner.producer if runner else Producer(settings.kafka, client_id=settings.group_id)
-    runner = runner or RoundRunner(settings, metrics, producer, train=train_fn(settings))
+    producer = Producer(settings.kafka, client_id=settings.group_id)
+    runner = RoundRunner(settings, metrics, producer, train=train_fn(settings))
     runner.recover()
     processor = Processor(
         kafka=settings.kafka,
