@@ -190,6 +190,22 @@ def _side_by_side(plain: tuple[Any, ...], service: tuple[Any, ...], cores: tuple
             return fa.result(), fb.result()
 
 
+def _pass(
+    plain: tuple[Any, ...], service: tuple[Any, ...], i: int, cores: tuple[int, int] | None
+) -> tuple[float, tuple[float, dict[str, float]]]:
+    """Pass ``i``: (plain seconds, (service seconds, round metrics)); side by side on
+    ``cores`` (plain's, service's) when given."""
+    if cores is not None:
+        return _side_by_side(plain, service, cores)
+    # One after the other, alternating who goes first (plain, service | service, plain | ...):
+    # drift and order effects hit both sides alike.
+    if i % 2 == 0:
+        plain_s = _fresh_process(plain_trl, *plain)
+        return plain_s, _fresh_process(service_round, *service)
+    service_result = _fresh_process(service_round, *service)
+    return _fresh_process(plain_trl, *plain), service_result
+
+
 def _device() -> str | None:
     """The GPU's name, or None on a CPU-only machine."""
     import torch
@@ -248,45 +264,34 @@ def run(args: Any) -> dict[str, Any]:
             settings = settings_for("warmup")
             pairs = make_pairs(n)
             rows = to_rows(pairs)
+
+            def on(i: int) -> tuple[int, int] | None:
+                # Swap cores every pass: a core that is slower (its host neighbours) slows
+                # each side alike.
+                return (cores if i % 2 == 0 else cores[::-1]) if side_by_side else None
+
             # Warm both paths alike: imports, the model files in the page cache (CUDA context),
             # and for the service the broker: a fresh JVM compiles its group, fetch and produce
             # paths on first use (measured once on 2 cores: the broker took 46 ms of CPU a
             # second during the first service pass's training, 31 during a later one's), which
             # a long-running broker has long done.
-            if side_by_side:
-                _side_by_side(
-                    (settings, rows[:4], tmp_path / "warmup"),
-                    (settings_for("warmup", round_size=4), pairs[:4]),
-                    cores,
-                )
-            else:
-                _fresh_process(plain_trl, settings, rows[:4], tmp_path / "warmup")
-                _fresh_process(service_round, settings_for("warmup", round_size=4), pairs[:4])
+            _pass(
+                (settings, rows[:4], tmp_path / "warmup"),
+                (settings_for("warmup", round_size=4), pairs[:4]),
+                0,
+                on(0),
+            )
             for i in range(passes):
-                if side_by_side:
-                    # Swap cores every pass: a core that is slower (its host neighbours)
-                    # slows each side alike.
-                    on = cores if i % 2 == 0 else cores[::-1]
-                    plain_s, (service_s, round_metrics) = _side_by_side(
-                        (settings, rows, tmp_path / f"plain-{i}"),
-                        (settings_for(f"p{i}"), pairs),
-                        on,
-                    )
-                    plain_rates.append(n / plain_s)
-                    service_rates.append(n / service_s)
-                    pass_cores.append({"plain_trl": on[0], "service": on[1]})
-                    continue
-                # One after the other, alternating who goes first (plain, service | service,
-                # plain | ...): drift and order effects hit both sides alike.
-                for side in ("plain", "service") if i % 2 == 0 else ("service", "plain"):
-                    if side == "plain":
-                        plain_s = _fresh_process(plain_trl, settings, rows, tmp_path / f"plain-{i}")
-                        plain_rates.append(n / plain_s)
-                    else:
-                        service_s, round_metrics = _fresh_process(
-                            service_round, settings_for(f"p{i}"), pairs
-                        )
-                        service_rates.append(n / service_s)
+                plain_s, (service_s, round_metrics) = _pass(
+                    (settings, rows, tmp_path / f"plain-{i}"),
+                    (settings_for(f"p{i}"), pairs),
+                    i,
+                    on(i),
+                )
+                plain_rates.append(n / plain_s)
+                service_rates.append(n / service_s)
+                if (pinned := on(i)) is not None:
+                    pass_cores.append({"plain_trl": pinned[0], "service": pinned[1]})
         finally:
             if broker is not None:
                 broker.stop()

@@ -32,8 +32,8 @@ class StackSettings(ServiceSettings):
     kafka_profile: Literal["small", "kafka"] = Field(
         "small",
         description="small: few broker threads, serial GC and the JVM's quick compiler only, "
-        "for one machine's stack (an idle broker takes about half the CPU and wakes a third "
-        "less often, see `make bench`); kafka: Kafka's and the JVM's own defaults",
+        "for one machine's stack (idle, the broker took 0.63x the CPU and woke 0.67x as often, "
+        "`python -m benchmarks stack`); kafka: Kafka's and the JVM's own defaults",
     )
     external_kafka: bool = Field(
         False, description="a broker already runs at kafka.bootstrap_servers: start none"
