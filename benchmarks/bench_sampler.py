@@ -77,6 +77,7 @@ def through_kafka(
         temperature=TEMPERATURE,
         concurrency=CONCURRENCY,
         group_id=f"bench-{tag}",
+        round_protocol=False,  # the sampler alone: no trainer plans rounds here
     )
     service = SamplerService(settings, Metrics("sampler"))
     thread = threading.Thread(target=service.run, kwargs={"install_signal_handlers": False})

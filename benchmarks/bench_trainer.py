@@ -214,6 +214,8 @@ def _device() -> str | None:
 
 
 def run(args: Any) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
     from onpolicy.settings import KafkaSettings, TopicSettings
     from onpolicy.stack import KafkaBroker, ensure_default_model
     from onpolicy.stack.settings import StackSettings
@@ -250,6 +252,7 @@ def run(args: Any) -> dict[str, Any]:
             def settings_for(tag: str, round_size: int = n) -> TrainerSettings:
                 # A fresh topic prefix and checkpoint store per service pass: each starts at v0.
                 return TrainerSettings(
+                    round_protocol=False,  # pairs are published directly
                     kafka=KafkaSettings(bootstrap_servers=bootstrap, linger_ms=0),
                     topics=TopicSettings(prefix=f"bench-{uuid.uuid4().hex[:8]}.", partitions=2),
                     model=str(model),
@@ -257,12 +260,12 @@ def run(args: Any) -> dict[str, Any]:
                     round_size=round_size,
                     # Side by side each side has one core; the service's own setting says so.
                     torch_threads=1 if side_by_side else 0,
-                    max_length=192,
-                    max_prompt_length=96,
+                    # The longest synthetic pair is 200 tokens: none is dropped (too_long).
+                    max_length=224,
                 )
 
             settings = settings_for("warmup")
-            pairs = make_pairs(n)
+            pairs = make_pairs(n, tokenizer=AutoTokenizer.from_pretrained(str(model)))
             rows = to_rows(pairs)
 
             def on(i: int) -> tuple[int, int] | None:

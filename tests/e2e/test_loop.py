@@ -33,6 +33,7 @@ def run_loop(kafka, vllm, model_dir, stack_settings, runs_dir, **overrides):
         eval_samples=2,
         num_samples=3,
         max_tokens=40,
+        max_prompt_tokens=96,  # the demo's prompts have at most 60 tokens
         runs_dir=runs_dir,
     )
     settings = load_settings(RunSettings, **(values | overrides))
@@ -52,7 +53,7 @@ def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
         eval_size=4,
         run_id="e2e",
         compare_offpolicy=True,
-        trainer={"max_length": 192, "max_prompt_length": 96, "per_device_batch_size": 2},
+        trainer={"max_length": 144, "per_device_batch_size": 2},
     )
 
 
@@ -116,6 +117,43 @@ def test_report_and_dataset_are_complete(run):
     assert sorted(p.name for p in checkpoints.glob("policy-v*")) == ["policy-v1", "policy-v2"]
 
 
+def test_the_trainer_trains_exactly_the_token_ids_the_sampler_drew(run, kafka, model_dir):
+    """Token-exact: every trained row is the sampled prompt ids + the sampled answer ids,
+    EOS only where the sample ended on it, and no cut-off answer trained as chosen."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    runner, _ = run
+    prefix = f"onpolicy.{runner.run_id}."
+    groups = {
+        r.message.id: r.message
+        for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)
+    }
+    pairs = {r.message.id: r.message for r in read_topic(kafka, prefix + "pairs", m.PreferencePair)}
+    checkpoints = runner.run_dir / "onpolicy" / "checkpoints"
+    trained = [
+        r
+        for f in sorted((checkpoints / "datasets").glob("*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
+    assert trained
+    finish_reasons = set()
+    for row in trained:
+        pair = pairs[row["pair_id"]]
+        group = groups[pair.group_id]
+        by_index = {c.index: c for c in group.completions}
+        chosen, rejected = by_index[pair.chosen_index], by_index[pair.rejected_index]
+        assert row["prompt_ids"] == list(group.prompt_token_ids) and row["prompt_ids"]
+        assert row["chosen_ids"] == list(chosen.token_ids)
+        assert row["rejected_ids"] == list(rejected.token_ids)
+        for ids_, completion in ((row["chosen_ids"], chosen), (row["rejected_ids"], rejected)):
+            assert (ids_[-1] == eos) == (completion.finish_reason == "stop")
+            finish_reasons.add(completion.finish_reason)
+        assert chosen.finish_reason == "stop"  # a truncated answer is never chosen
+    # At 40 tokens many answers are cut off: some of them were trained, as rejected, as drawn.
+    assert finish_reasons == {"stop", "length"}
+
+
 def test_offpolicy_lineage_trains_as_many_pairs_all_sampled_by_the_initial_policy(run, kafka):
     runner, report = run
     on, off = report["lineages"]["onpolicy"], report["lineages"]["offpolicy"]
@@ -177,7 +215,7 @@ def overlap_run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
         # alike, tied under the judge, and the round made no pairs.
         max_tokens=96,
         run_id="e2e-overlap",
-        trainer={"max_length": 160, "max_prompt_length": 96, "per_device_batch_size": 2},
+        trainer={"max_length": 192, "per_device_batch_size": 2},
     )
 
 

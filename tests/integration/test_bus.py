@@ -569,3 +569,48 @@ def test_the_poll_loop_waits_when_idle_or_full_and_resumes_when_a_record_finishe
             )
     finally:
         producer.close()
+
+
+def test_a_fence_holds_each_partition_at_its_offset_until_it_moves(kafka, topics):
+    """The round protocol's fence: nothing at or past it is handled or committed; records
+    before it on other partitions flow meanwhile; moving it releases the held records."""
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    for i in range(6):
+        for partition in (0, 1):
+            value, headers = encode(m.validate(m.Prompt(text=f"q{partition}-{i}")))
+            raw.send(topics.name("prompts"), value, headers=headers, partition=partition).get(30)
+    raw.close()
+    fences = {0: 2, 1: 4}
+    handled: list[str] = []
+
+    def handler(record):
+        handled.append(record.message.text)
+        return []
+
+    processor = Processor(
+        kafka=kafka,
+        source=topics.name("prompts"),
+        message_type=m.Prompt,
+        handler=handler,
+        # A window wider than a fence: the fence, not the window, is what stops it.
+        config=ProcessorConfig(group_id=f"{topics.prefix}fenced", concurrency=16),
+        metrics=Metrics("test"),
+        dead_letter_topic=topics.name("dlq"),
+        fence=lambda partition: fences[partition],
+    )
+    group = f"{topics.prefix}fenced"
+    source = topics.name("prompts")
+    with running(processor):
+        wait_until(lambda: len(handled) == 6, 30, "records below the fences")
+        time.sleep(2)  # more polls: still nothing past the fences
+        assert sorted(handled) == sorted(
+            [f"q0-{i}" for i in range(2)] + [f"q1-{i}" for i in range(4)]
+        )
+        wait_until(lambda: committed(kafka, group, source) == {0: 2, 1: 4}, 30, "commits")
+        fences[0] = 6
+        wait_until(lambda: len(handled) == 8, 30, "partition 0 released")
+        assert committed(kafka, group, source).get(1) == 4
+        fences[1] = 6
+        wait_until(lambda: len(handled) == 12, 30, "partition 1 released")
+        wait_until(lambda: committed(kafka, group, source) == {0: 6, 1: 6}, 30, "commits")
+    assert len(set(handled)) == 12  # each once

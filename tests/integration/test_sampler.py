@@ -30,6 +30,7 @@ def sampler(kafka, topics, url, tmp_path, **overrides) -> SamplerService:
         concurrency=8,
         adapter_cache_dir=tmp_path / "adapters",
         group_id=f"{topics.prefix}sampler",
+        round_protocol=False,  # these tests publish prompts without planned rounds
     )
     settings = load_settings(SamplerSettings, **(fields | overrides))
     return SamplerService(settings, Metrics("sampler"))
@@ -55,7 +56,9 @@ def adapter_dir(model_dir, tmp_path_factory):
     return out
 
 
-def test_n_samples_per_prompt_with_ids_lineage_and_version(kafka, topics, vllm_server, tmp_path):
+def test_n_samples_per_prompt_with_ids_lineage_and_version(
+    kafka, topics, vllm_server, tmp_path, model_dir
+):
     chat = m.validate(
         m.Prompt(
             messages=[m.ChatMessage(role="user", content="Name a fruit.")],
@@ -87,13 +90,63 @@ def test_n_samples_per_prompt_with_ids_lineage_and_version(kafka, topics, vllm_s
     assert all(c.finish_reason in ("stop", "length") for c in g.completions)
     assert all(c.num_tokens <= 24 for c in g.completions)
     assert g.sampling.max_tokens == 24 and g.timings.latency_s > 0 and g.prompt_tokens > 0
+    # Token-exact: the prompt's ids are the chat template's, each answer's ids are as drawn,
+    # with EOS at the end exactly when the sample ended on it.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    templated = tokenizer.apply_chat_template(
+        m.model_input(chat), tokenize=True, add_generation_prompt=True
+    )
+    templated = templated["input_ids"] if hasattr(templated, "keys") else templated
+    assert list(g.prompt_token_ids) == list(templated) and len(templated) == g.prompt_tokens
+    for c in g.completions:
+        assert len(c.token_ids) == c.num_tokens
+        assert (c.token_ids[-1] == tokenizer.eos_token_id) == (c.finish_reason == "stop")
+        assert not c.HasField("stop_string") and not c.HasField("stop_token_id")
+        if c.finish_reason == "length":
+            assert c.num_tokens == 24
     t = groups[text.id].message
+    assert list(t.prompt_token_ids) == tokenizer("The capital of France is")["input_ids"]
     assert len(t.completions) == 2 and t.sampling.max_tokens == 8 and t.sampling.seed == 1
     assert all(c.num_tokens <= 8 for c in t.completions)
     assert sample_value(service.metrics, "groups_produced_total") == 2
     assert sample_value(service.metrics, "completion_tokens_total") == sum(
         c.num_tokens for r in groups.values() for c in r.message.completions
     )
+
+
+def test_a_stop_string_answer_is_recorded_and_trained_as_drawn(
+    kafka, topics, vllm_server, tmp_path
+):
+    """vLLM trims a stop string from the text but returns the tokens it drew: those are what
+    the pair carries and the trainer trains, with no EOS that was never sampled."""
+    from onpolicy_judge.pairs import make_pair
+    from onpolicy_trainer.pairs import to_row
+
+    count = m.validate(
+        m.Prompt(
+            messages=[m.ChatMessage(role="user", content="Count from 1 to 10, with commas.")],
+            sampling=m.SamplingParams(temperature=0.0, max_tokens=40, stop=["5"]),
+            num_samples=1,  # greedy: vLLM takes n=1 only
+        )
+    )
+    Producer(kafka).send_sync(topics.name("prompts"), count)
+    with running(sampler(kafka, topics, vllm_server, tmp_path)):
+        [record] = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+    group = record.message
+    c = group.completions[0]
+    assert (c.finish_reason, c.stop_string) == ("stop", "5")
+    assert "5" not in c.text and len(c.token_ids) == c.num_tokens
+    # A second, cut-off answer to pair it with.
+    group.completions.add(
+        index=1, text="1, 2", token_ids=c.token_ids[:3], num_tokens=3, finish_reason="length"
+    )
+    scored = m.ScoredGroup(id="s", group=group, scores=[1.0, 0.0], judge_id="j")
+    row = to_row(make_pair(scored, 0, 1, 1.0))
+    assert row["chosen_ids"] == list(c.token_ids)  # the stop string's tokens, no EOS added
+    assert row["prompt_ids"] == list(group.prompt_token_ids)
+    assert row["chosen_finish_reason"] == "stop"
 
 
 def test_policy_update_switches_the_served_adapter(
@@ -156,16 +209,19 @@ def test_invalid_prompts_are_dead_lettered_and_the_stream_goes_on(
     raw.send(source, b'{"text": "unterminated', partition=0).get(30)  # malformed JSON
     too_long = json.dumps({"text": "word " * 5000}).encode()  # > max-model-len
     raw.send(source, too_long, partition=0).get(30)
+    over_budget = json.dumps({"text": "word " * 100, "sampling": {"maxTokens": 1}}).encode()
+    raw.send(source, over_budget, partition=0).get(30)
     raw.send(source, b'{"text": "Say hi.", "numSamples": 1}', partition=0).get(30)
     raw.close()
-    with running(sampler(kafka, topics, vllm_server, tmp_path)):
-        letters = wait_records(kafka, topics.name("dlq"), m.DeadLetter, 3, timeout=120)
+    with running(sampler(kafka, topics, vllm_server, tmp_path, max_prompt_tokens=64)):
+        letters = wait_records(kafka, topics.name("dlq"), m.DeadLetter, 4, timeout=120)
         wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
     reasons = {d.message.offset: (d.message.error_kind, d.message.error_message) for d in letters}
     assert reasons[0][0] == "invalid" and "empty" in reasons[0][1]
     assert reasons[1][0] == "decode" and "invalid JSON" in reasons[1][1]
     assert reasons[2][0] == "invalid" and "vLLM rejected the prompt (400)" in reasons[2][1]
     assert "context" in reasons[2][1] or "length" in reasons[2][1]
+    assert reasons[3][0] == "invalid" and "sampler.max_prompt_tokens (64)" in reasons[3][1]
 
 
 def test_vllm_restart_mid_stream_loses_and_duplicates_nothing(kafka, topics, vllm, tmp_path):

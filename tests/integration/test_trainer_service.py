@@ -1,11 +1,12 @@
 """The trainer against the real broker, real TRL on SmolLM2-135M, and the real vLLM server.
 
-Rounds are tiny (8 pairs, max_length 128) so that each trains in well under a minute on
+Rounds are tiny (8 pairs, max_length 208) so that each trains in well under a minute on
 two shared cores.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -28,10 +29,23 @@ from onpolicy.telemetry import Metrics, ServiceServer
 from onpolicy_trainer.app import build
 from onpolicy_trainer.rounds import CRASH_ENV
 from onpolicy_trainer.settings import TrainerSettings
-from onpolicy_trainer.synthetic import make_pairs
+from onpolicy_trainer.synthetic import make_pairs as synthetic_pairs
 
 ROUND = 8
-TINY = {"max_length": 128, "max_prompt_length": 64, "learning_rate": 2e-4}
+# Long enough for the longest synthetic pair (the trainer drops longer pairs, never cuts).
+TINY = {"max_length": 208, "learning_rate": 2e-4}
+
+
+@functools.cache
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TrainerSettings().model)
+
+
+def make_pairs(*args, **kwargs) -> list[m.PreferencePair]:
+    """Synthetic pairs with sampled token ids, as the judge would publish them."""
+    return synthetic_pairs(*args, tokenizer=_tokenizer(), **kwargs)
 
 
 def settings_for(kafka, topics, model_dir: Path, checkpoints: Path, **overrides) -> TrainerSettings:
@@ -42,6 +56,7 @@ def settings_for(kafka, topics, model_dir: Path, checkpoints: Path, **overrides)
         "checkpoint_uri": str(checkpoints),
         "group_id": f"{topics.prefix}trainer",
         "round_size": ROUND,
+        "round_protocol": False,  # these tests publish pairs directly, with no planned round
     }
     return TrainerSettings(**(values | TINY | overrides))
 
@@ -273,8 +288,8 @@ def start_trainer(kafka, topics, model_dir, checkpoints, crash_at: str | None, p
         "ONPOLICY_TRAINER_CHECKPOINT_URI": str(checkpoints),
         "ONPOLICY_TRAINER_GROUP_ID": f"{topics.prefix}trainer",
         "ONPOLICY_TRAINER_ROUND_SIZE": str(ROUND),
+        "ONPOLICY_TRAINER_ROUND_PROTOCOL": "false",
         "ONPOLICY_TRAINER_MAX_LENGTH": str(TINY["max_length"]),
-        "ONPOLICY_TRAINER_MAX_PROMPT_LENGTH": str(TINY["max_prompt_length"]),
         "ONPOLICY_TRAINER_LEARNING_RATE": str(TINY["learning_rate"]),
         "ONPOLICY_TRAINER_HTTP__PORT": str(port),
         "HF_HUB_OFFLINE": "1",

@@ -74,6 +74,18 @@ def test_services_read_every_variable_they_are_given(
         assert settings.log.json_format is True
 
 
+def test_sampler_budget_fits_the_trainers_max_length(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onpolicy.budget import check_sequence_budget
+
+    services = compose["services"]
+    sampler = load_service_settings("sampler", env_of(services["sampler"]), None, monkeypatch)
+    for name in ("trainer", "trainer-cpu"):
+        trainer = load_service_settings("trainer", env_of(services[name]), None, monkeypatch)
+        check_sequence_budget(sampler.max_prompt_tokens, sampler.max_tokens, trainer.max_length)
+
+
 def test_vllm_serves_lora_and_the_sampler_finds_it(compose: dict[str, Any]) -> None:
     services = compose["services"]
     gpu, cpu = services["vllm"], services["vllm-cpu"]

@@ -232,6 +232,26 @@ def test_services_read_every_variable_they_are_given(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sampler_budget_fits_the_trainers_max_length(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pair the deployed sampler can produce fits the deployed trainer (never cut)."""
+    from onpolicy.budget import check_sequence_budget
+
+    objects = built(overlay)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
+    loaded = {
+        service: load_service_settings(
+            service, env_of(objects, container(objects, service, service)), config, monkeypatch
+        )
+        for service in ("sampler", "trainer")
+    }
+    sampler, trainer = loaded["sampler"], loaded["trainer"]
+    check_sequence_budget(sampler.max_prompt_tokens, sampler.max_tokens, trainer.max_length)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_sampler_pod_serves_lora_policies_from_the_trainers_checkpoints(
     overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

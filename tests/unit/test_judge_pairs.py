@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy_judge.metrics import JudgeMetrics
-from onpolicy_judge.pairs import build_pairs, ranking_scores
+from onpolicy_judge.pairs import build_pairs, length_normalised, ranking_scores
 from onpolicy_judge.settings import PairSettings
 
 STRATEGIES = ("best_worst", "best_vs_rest", "all")
@@ -33,10 +33,17 @@ def scored_groups(draw) -> m.ScoredGroup:
             id="p1", text="q", dataset_split=draw(st.sampled_from(["train", "", "eval"]))
         ),
         completions=[
-            m.Completion(index=10 + i, text=t, finish_reason=f, num_tokens=k)
+            m.Completion(
+                index=10 + i,
+                text=t,
+                finish_reason=f,
+                num_tokens=k,
+                token_ids=[100 + i] * min(k, 5) + ([2] if f == "stop" else []),
+            )
             for i, (t, f, k) in enumerate(zip(texts, finish, tokens, strict=True))
         ],
         policy_version=7,
+        prompt_token_ids=[1, 9690, 198],
     )
     return m.ScoredGroup(id="s1", group=group, scores=scores, judge_id="j")
 
@@ -46,7 +53,7 @@ rules_strategy = st.builds(
     strategy=st.sampled_from(STRATEGIES),
     min_margin=st.sampled_from([0.0, 0.1, 0.6]),
     drop_ties=st.booleans(),
-    prefer_eos=st.booleans(),
+    finished=st.sampled_from(["require", "prefer", "off"]),
     max_pairs_per_prompt=st.integers(1, 20),
     length_alpha=st.sampled_from([0.0, 0.5, 1.0]),
 )
@@ -67,6 +74,10 @@ def test_pair_invariants(scored: m.ScoredGroup, rules: PairSettings):
     if len(completions) < 2:
         assert result.dropped == {"single_completion": 1}
         return
+    any_finished = any(c.finish_reason == "stop" for c in completions)
+    if rules.finished == "require" and not any_finished:
+        assert result.dropped == {"none_finished": 1} and not result.pairs
+        return
     # Every candidate is accounted for exactly once.
     assert result.candidates == len(result.pairs) + sum(result.dropped.values())
     seen = set()
@@ -81,8 +92,16 @@ def test_pair_invariants(scored: m.ScoredGroup, rules: PairSettings):
         assert abs(pair.margin - (adj[c_pos] - adj[r_pos])) < 1e-12
         if rules.drop_ties:
             assert pair.margin > rules.tie_epsilon
-        if rules.prefer_eos and any(c.finish_reason == "stop" for c in completions):
+        if rules.finished == "require" or (rules.finished == "prefer" and any_finished):
             assert chosen.finish_reason == "stop"
+        # The pair carries what was sampled, for the trainer to train exactly that.
+        assert list(pair.chosen_token_ids) == list(chosen.token_ids)
+        assert list(pair.rejected_token_ids) == list(rejected.token_ids)
+        assert list(pair.prompt_token_ids) == list(scored.group.prompt_token_ids)
+        assert (pair.chosen_finish_reason, pair.rejected_finish_reason) == (
+            chosen.finish_reason,
+            rejected.finish_reason,
+        )
         assert (pair.chosen_score, pair.rejected_score) == (
             scored.scores[c_pos],
             scored.scores[r_pos],
@@ -103,7 +122,7 @@ def test_pair_invariants(scored: m.ScoredGroup, rules: PairSettings):
 @settings(max_examples=200, deadline=None)
 @given(scored=scored_groups())
 def test_best_worst_pairs_the_extremes(scored: m.ScoredGroup):
-    rules = PairSettings(prefer_eos=False, drop_ties=True)
+    rules = PairSettings(finished="off", drop_ties=True)
     result = build_pairs(scored, rules)
     if scored.group.prompt.dataset_split == "eval" or len(scored.scores) < 2:
         return
@@ -140,7 +159,7 @@ def test_ties_dropped_or_kept_as_configured():
     assert len(kept.pairs) == 1 and kept.pairs[0].margin == 0 and kept.ties == 1
 
 
-def test_prefer_eos_never_chooses_a_truncated_answer():
+def test_a_truncated_answer_is_never_chosen():
     scored = group_of([0.9, 0.4, 0.1], finish=["length", "stop", "stop"])
     result = build_pairs(scored, PairSettings())
     assert [(p.chosen_index, p.rejected_index) for p in result.pairs] == [(1, 2)]
@@ -149,8 +168,18 @@ def test_prefer_eos_never_chooses_a_truncated_answer():
     assert rest.dropped == {"chosen_not_eos": 1}
     only_truncated_better = group_of([0.9, 0.4], finish=["length", "stop"])
     assert build_pairs(only_truncated_better, PairSettings()).dropped == {"chosen_not_eos": 1}
-    off = build_pairs(scored, PairSettings(prefer_eos=False))
+    off = build_pairs(scored, PairSettings(finished="off"))
     assert [(p.chosen_index, p.rejected_index) for p in off.pairs] == [(0, 2)]
+
+
+def test_a_group_where_no_sample_ended_gives_no_pair():
+    cut = group_of([0.9, 0.4, 0.1], finish=["length", "length", "length"])
+    assert build_pairs(cut, PairSettings()).dropped == {"none_finished": 1}
+    assert not build_pairs(cut, PairSettings()).pairs
+    # The old behaviour, on request: with none finished, scores decide.
+    old = build_pairs(cut, PairSettings(finished="prefer"))
+    assert [(p.chosen_index, p.rejected_index) for p in old.pairs] == [(0, 2)]
+    assert old.pairs[0].chosen_finish_reason == "length"
 
 
 def test_all_pairs_min_margin_and_cap_reasons():
@@ -177,6 +206,44 @@ def test_length_normalisation_changes_the_ranking():
     per_token = build_pairs(scored, PairSettings(length_alpha=1.0)).pairs[0]
     assert (plain.chosen_index, per_token.chosen_index) == (0, 1)
     assert per_token.margin == 1.5 / 2 - 2.0 / 8
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    score=st.floats(-1e6, 1e6, allow_nan=False),
+    shorter=st.integers(0, 4000),
+    extra=st.integers(0, 4000),
+    alpha=st.floats(0, 2),
+)
+def test_length_never_helps_at_either_sign(score, shorter, extra, alpha):
+    longer = shorter + extra
+    short, long_ = (length_normalised(score, n, alpha) for n in (shorter, longer))
+    assert long_ <= short  # same score, more tokens: never ranked higher
+    assert (short >= 0) == (score >= 0)  # the sign is kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    a=st.floats(-1e6, 1e6, allow_nan=False),
+    b=st.floats(-1e6, 1e6, allow_nan=False),
+    n=st.integers(0, 4000),
+    alpha=st.floats(0, 2),
+)
+def test_length_normalisation_keeps_the_order_of_scores_at_one_length(a, b, n, alpha):
+    if a <= b:
+        assert length_normalised(a, n, alpha) <= length_normalised(b, n, alpha)
+    assert length_normalised(a, n, 0.0) == a
+
+
+def test_negative_scores_do_not_favour_long_answers():
+    # A reward model's negative scores: the long answer scored lower. Dividing by the length
+    # would rank it first (-3/16 = -0.19 > -2/2 = -1); here it stays last.
+    scored = group_of([-2.0, -3.0], texts=["short answer", "a much longer answer " * 4])
+    scored.group.completions[0].num_tokens = 2
+    scored.group.completions[1].num_tokens = 16
+    pair = build_pairs(scored, PairSettings(length_alpha=1.0)).pairs[0]
+    assert pair.chosen_index == 0
+    assert pair.margin == -2.0 * 2 - (-3.0 * 16)
 
 
 def test_pair_metrics_count_kept_dropped_and_ties():

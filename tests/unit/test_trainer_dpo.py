@@ -1,36 +1,46 @@
-"""Pieces of the DPO round that need no training: prompt truncation and round metrics."""
+"""Pieces of the DPO round that need no training: rows as sampled ids, and round metrics."""
 
 from __future__ import annotations
 
-import pytest
-
-from onpolicy_trainer.dpo import _prompt_length, _round_metrics, truncate_prompt
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
+from onpolicy import messages as m
+from onpolicy_trainer.dpo import _round_metrics
+from onpolicy_trainer.pairs import admit, sequence_length, to_row
 
 
-def test_long_prompt_is_cut_from_the_start_of_its_longest_turn(tokenizer):
-    question = "Finally: what is the capital of France?"
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "blah " * 300 + question},
-    ]
-    assert _prompt_length(tokenizer, messages) > 64
-    cut = truncate_prompt(tokenizer, messages, 64)
-    assert _prompt_length(tokenizer, cut) <= 64
-    assert cut[0] == messages[0]  # the short system turn is kept whole
-    assert cut[1]["content"].endswith(question)  # the end of the prompt is what matters
-    assert messages[1]["content"].startswith("blah")  # the input is not modified
+def _pair(prompt_ids, chosen_ids, rejected_ids, version=3) -> m.PreferencePair:
+    return m.PreferencePair(
+        id="p",
+        prompt_id="q",
+        prompt=m.Prompt(id="q", messages=[m.ChatMessage(role="user", content="hi")]),
+        chosen="a",
+        rejected="b",
+        policy_version=version,
+        prompt_token_ids=prompt_ids,
+        chosen_token_ids=chosen_ids,
+        rejected_token_ids=rejected_ids,
+        chosen_finish_reason="stop",
+        rejected_finish_reason="length",
+    )
 
 
-def test_short_prompt_is_unchanged(tokenizer):
-    messages = [{"role": "user", "content": "Hi!"}]
-    assert truncate_prompt(tokenizer, messages, 64) == messages
+def test_rows_are_the_sampled_ids_as_drawn():
+    row = to_row(_pair([1, 2, 3], [7, 8, 2], [9, 9, 9, 9]))
+    assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (
+        [1, 2, 3],
+        [7, 8, 2],  # ended on EOS (id 2): kept
+        [9, 9, 9, 9],  # cut off: no EOS added
+    )
+    assert sequence_length(row) == 7
+    assert row["prompt"] == [{"role": "user", "content": "hi"}]
+    assert (row["chosen_finish_reason"], row["rejected_finish_reason"]) == ("stop", "length")
+
+
+def test_too_long_and_id_less_pairs_are_dropped_not_cut():
+    fits = _pair([1] * 10, [2] * 5, [3] * 6)
+    assert admit(fits, 3, 0, set(), max_length=16) == "ok"
+    assert admit(fits, 3, 0, set(), max_length=15) == "too_long"
+    assert admit(_pair([], [2], [3]), 3, 0, set(), max_length=16) == "no_token_ids"
+    assert admit(fits, 4, 0, set(), max_length=16) == "stale"  # staleness is checked first
 
 
 def test_round_metrics_average_logged_steps_and_keep_the_last():

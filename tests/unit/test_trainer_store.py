@@ -61,6 +61,7 @@ def test_a_round_mixing_chat_and_text_prompts_uses_one_format():
 )
 def test_admit_by_staleness(pair_version, current, staleness, verdict):
     pair = make_pairs(1, policy_version=pair_version)[0]
+    pair.prompt_token_ids[:], pair.chosen_token_ids[:], pair.rejected_token_ids[:] = [1], [2], [3]
     assert admit(pair, current, staleness, seen=set()) == verdict
 
 
@@ -128,5 +129,5 @@ def test_settings_defaults_env_and_errors(monkeypatch):
     assert settings.loss_types == ["sigmoid"]
     with pytest.raises(ConfigError, match="round_size"):
         load_settings(TrainerSettings, round_size=0)
-    with pytest.raises(ConfigError, match="max_prompt_length"):
-        load_settings(TrainerSettings, max_length=64, max_prompt_length=64)
+    with pytest.raises(ConfigError, match="max_length"):
+        load_settings(TrainerSettings, max_length=8)

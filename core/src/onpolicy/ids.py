@@ -43,5 +43,9 @@ def policy_id(version: int) -> str:
     return f"policy-v{version}"
 
 
+def round_plan_id(round_: int, seq: int) -> str:
+    return f"round-{round_}-{seq}"
+
+
 def dead_letter_id(topic: str, partition: int, offset: int) -> str:
     return digest(topic, partition, offset, prefix="dlq")

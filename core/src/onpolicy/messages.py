@@ -18,9 +18,12 @@ from onpolicy.v1.messages_pb2 import (
     Completion,
     CompletionGroup,
     DeadLetter,
+    OffsetRange,
     PolicyUpdate,
     PreferencePair,
     Prompt,
+    PromptSource,
+    RoundPlan,
     SamplingParams,
     ScoredGroup,
     Timings,
@@ -31,9 +34,12 @@ __all__ = [
     "Completion",
     "CompletionGroup",
     "DeadLetter",
+    "OffsetRange",
     "PolicyUpdate",
     "PreferencePair",
     "Prompt",
+    "PromptSource",
+    "RoundPlan",
     "SamplingParams",
     "ScoredGroup",
     "Timings",
@@ -112,6 +118,16 @@ def _policy(u: PolicyUpdate) -> None:
         u.id = ids.policy_id(u.version)
 
 
+def _round_plan(p: RoundPlan) -> None:
+    if p.round < 1:
+        raise InvalidRecord(f"round must be >= 1, got {p.round}")
+    for r in p.ranges:
+        if not 0 <= r.start <= r.end:
+            raise InvalidRecord(f"range of partition {r.partition} is [{r.start}, {r.end})")
+    if not p.id:
+        p.id = ids.round_plan_id(p.round, p.seq)
+
+
 def _dead_letter(d: DeadLetter) -> None:
     if not d.id:
         d.id = ids.dead_letter_id(d.source_topic, d.partition, d.offset)
@@ -124,6 +140,7 @@ _VALIDATORS: dict[str, Callable[[Message], None]] = {
     PreferencePair.DESCRIPTOR.full_name: _pair,
     PolicyUpdate.DESCRIPTOR.full_name: _policy,
     DeadLetter.DESCRIPTOR.full_name: _dead_letter,
+    RoundPlan.DESCRIPTOR.full_name: _round_plan,
 }
 
 

@@ -25,8 +25,8 @@ from pydantic_settings import (
 )
 
 SHARED_SECTIONS = ("kafka", "topics", "log")
-TOPIC_KINDS = ("prompts", "completions", "scored", "pairs", "policy", "dlq")
-TopicKind = Literal["prompts", "completions", "scored", "pairs", "policy", "dlq"]
+TOPIC_KINDS = ("prompts", "completions", "scored", "pairs", "policy", "rounds", "dlq")
+TopicKind = Literal["prompts", "completions", "scored", "pairs", "policy", "rounds", "dlq"]
 
 _config_file: ContextVar[Path | None] = ContextVar("onpolicy_config_file", default=None)
 

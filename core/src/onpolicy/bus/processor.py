@@ -13,6 +13,9 @@ Guarantees (at-least-once, nothing lost):
 - Duplicates (same record id, i.e. same Kafka key) seen recently are dropped and counted;
   a record fetched again while its first delivery is still being handled (the member was
   evicted and rejoined) waits for that one rather than being handled twice.
+- An optional *fence* (``fence(partition) -> offset``) bounds what may be taken: a record at
+  or past its partition's fence is not handled; the partition is rewound to it and paused
+  until the fence moves (the round protocol's samplers take only planned prompts this way).
 - On partition revoke and on stop (SIGTERM, Ctrl-C) in-flight work gets ``drain_timeout_s``
   to finish; what finished is committed, the rest is left uncommitted for the next owner
   (or, when the partition comes back to this member, still committed only once it is done).
@@ -182,8 +185,12 @@ class Processor(Generic[M]):
         metrics: Metrics,
         dead_letter_topic: str,
         producer: Producer | None = None,
+        fence: Callable[[int], int] | None = None,
     ):
         self.kafka = kafka
+        self.fence = fence
+        # Partitions stopped at their fence -> the first offset not yet allowed.
+        self._held: dict[TopicPartition, int] = {}
         self.source = source
         self.message_type = message_type
         self.handler = handler
@@ -272,6 +279,8 @@ class Processor(Generic[M]):
                 self.kafka_connected = self._connected(consumer)
                 for tp, records in batch.items():
                     for raw in records:
+                        if self._at_fence(consumer, tp, raw.offset):
+                            break  # the rest of this partition's batch is past it too
                         self._submit(tp, raw)
                 now = time.monotonic()
                 if now - last_commit >= self.config.commit_interval_s:
@@ -324,12 +333,27 @@ class Processor(Generic[M]):
     def _pause_if(self, consumer: KafkaConsumer, full: bool) -> None:
         assigned = consumer.assignment()
         paused = consumer.paused()
-        if full:
-            todo = [tp for tp in assigned if tp not in paused]
-            if todo:
-                consumer.pause(*todo)
-        elif paused:
-            consumer.resume(*paused)
+        if self._held:  # a fence that moved releases its partition
+            assert self.fence is not None
+            self._held = {
+                tp: off
+                for tp, off in self._held.items()
+                if tp in assigned and self.fence(tp.partition) <= off
+            }
+        wanted = set(assigned) if full else set(self._held)
+        if todo := [tp for tp in assigned if tp in wanted and tp not in paused]:
+            consumer.pause(*todo)
+        if back := [tp for tp in paused if tp not in wanted]:
+            consumer.resume(*back)
+
+    def _at_fence(self, consumer: KafkaConsumer, tp: TopicPartition, offset: int) -> bool:
+        """Whether ``offset`` is past the fence; if so, rewind the partition and hold it."""
+        if self.fence is None or offset < self.fence(tp.partition):
+            return False
+        consumer.seek(tp, offset)  # fetched again once the fence moves past it
+        consumer.pause(tp)
+        self._held[tp] = offset
+        return True
 
     def _submit(self, tp: TopicPartition, raw: object) -> None:
         self._offsets.start(tp, raw.offset)  # type: ignore[attr-defined]

@@ -18,9 +18,9 @@ def topic_configs(kind: str, topics: TopicSettings, kafka: KafkaSettings) -> dic
         # The broker must accept every record the producer may send.
         "max.message.bytes": str(kafka.max_request_size),
     }
-    if kind in ("policy", "dlq"):
-        # The policy history must survive (a restarted sampler replays it to find the newest
-        # policy) and dead letters wait for a person.
+    if kind in ("policy", "rounds", "dlq"):
+        # The policy and round history must survive (a restarted sampler replays them to find
+        # the newest policy and what it may sample) and dead letters wait for a person.
         configs["retention.ms"] = "-1"
     return configs
 
@@ -33,8 +33,8 @@ def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> list[str]:
         new = [
             NewTopic(
                 topics.name(kind),  # type: ignore[arg-type]
-                # One partition keeps policy updates totally ordered.
-                num_partitions=1 if kind == "policy" else topics.partitions,
+                # One partition keeps policy updates and round plans totally ordered.
+                num_partitions=1 if kind in ("policy", "rounds") else topics.partitions,
                 replication_factor=topics.replication_factor,
                 topic_configs=topic_configs(kind, topics, kafka),
             )

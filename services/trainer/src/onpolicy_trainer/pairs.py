@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
 from onpolicy import messages as m
 
-log = logging.getLogger(__name__)
-
 Row = dict[str, Any]
-Verdict = Literal["ok", "stale", "duplicate"]
+Verdict = Literal["ok", "stale", "duplicate", "too_long", "no_token_ids"]
 
-# The dataset's columns: TRL's preference format, then the pair's metadata.
+# The dataset's columns: the sampled token ids DPO trains, TRL's text preference format (to
+# read and reuse the dataset), then the pair's metadata.
 COLUMNS = (
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
     "prompt",
     "chosen",
     "rejected",
+    "chosen_finish_reason",
+    "rejected_finish_reason",
     "pair_id",
     "prompt_id",
     "policy_version",
@@ -29,15 +32,22 @@ COLUMNS = (
 
 
 def to_row(pair: m.PreferencePair, conversational: bool = False) -> Row:
-    """One dataset row: TRL's prompt/chosen/rejected plus metadata.
+    """One dataset row: the sampled ids, TRL's prompt/chosen/rejected text, metadata.
 
-    The prompt is what the sampler sent (``onpolicy.messages.model_input``): chat prompts in
-    TRL's conversational format, raw-text prompts in its standard (string) format, so DPO
-    scores each pair under the context that produced it. ``conversational=True`` forces the
-    conversational form (a round that mixes both kinds must use one format).
+    DPO trains ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids``: the prompt as
+    vLLM templated it and each answer as drawn, with an end-of-turn token only where the
+    sample ended on one. The text columns are what the sampler sent
+    (``onpolicy.messages.model_input``) and the answers' text, for people and for reuse as a
+    TRL preference dataset; ``conversational=True`` forces the conversational form (a
+    dataset holds one format).
     """
     return {
+        "prompt_ids": list(pair.prompt_token_ids),
+        "chosen_ids": list(pair.chosen_token_ids),
+        "rejected_ids": list(pair.rejected_token_ids),
         **m.trl_preference(pair, conversational),
+        "chosen_finish_reason": pair.chosen_finish_reason,
+        "rejected_finish_reason": pair.rejected_finish_reason,
         "pair_id": pair.id,
         "prompt_id": pair.prompt_id,
         "policy_version": int(pair.policy_version),
@@ -50,14 +60,21 @@ def to_row(pair: m.PreferencePair, conversational: bool = False) -> Row:
 
 def to_rows(pairs: Sequence[m.PreferencePair]) -> list[Row]:
     """A round's rows in one format (TRL trains, and Parquet stores, one per dataset)."""
-    kinds = {bool(p.prompt.messages) for p in pairs}
-    if len(kinds) > 1:
-        log.warning(
-            "this round mixes chat and raw-text prompts; its raw-text prompts train as one "
-            "user turn under the chat template, which differs from how they were sampled"
-        )
-        return [to_row(p, conversational=True) for p in pairs]
-    return [to_row(p) for p in pairs]
+    # Only the text columns need one format: the ids are trained as sampled either way.
+    conversational = len({bool(p.prompt.messages) for p in pairs}) > 1
+    return [to_row(p, conversational) for p in pairs]
+
+
+def sequence_length(row: Row) -> int:
+    """The longer of the row's two training sequences, in tokens."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+def pair_length(pair: m.PreferencePair) -> int:
+    """:func:`sequence_length` of a pair's sampled ids."""
+    return len(pair.prompt_token_ids) + max(
+        len(pair.chosen_token_ids), len(pair.rejected_token_ids)
+    )
 
 
 def min_version(current: int, max_staleness: int) -> int:
@@ -66,11 +83,24 @@ def min_version(current: int, max_staleness: int) -> int:
 
 
 def admit(
-    pair: m.PreferencePair, current: int, max_staleness: int, seen: Collection[str]
+    pair: m.PreferencePair,
+    current: int,
+    max_staleness: int,
+    seen: Collection[str],
+    max_length: int | None = None,
 ) -> Verdict:
-    """Whether the round producing version ``current + 1`` may train on ``pair``."""
+    """Whether the round producing version ``current + 1`` may train on ``pair``.
+
+    A pair without sampled token ids (written before the contract carried them) cannot be
+    trained exactly as drawn, and one longer than ``max_length`` would have to be cut into
+    another context: both are dropped with their reason, never trained approximately.
+    """
     if pair.id in seen:
         return "duplicate"
     if pair.policy_version < min_version(current, max_staleness):
         return "stale"
+    if not (pair.prompt_token_ids and pair.chosen_token_ids and pair.rejected_token_ids):
+        return "no_token_ids"
+    if max_length is not None and pair_length(pair) > max_length:
+        return "too_long"
     return "ok"

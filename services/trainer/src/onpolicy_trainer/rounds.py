@@ -21,6 +21,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +34,7 @@ from onpolicy.bus import Output, Producer, Record, read_topic
 from onpolicy.telemetry import Metrics
 from onpolicy_trainer import hub
 from onpolicy_trainer.dpo import RoundAborted, RoundResult, train_round
-from onpolicy_trainer.pairs import admit, min_version, to_rows
+from onpolicy_trainer.pairs import admit, min_version, pair_length, to_rows
 from onpolicy_trainer.settings import TrainerSettings
 from onpolicy_trainer.store import CheckpointStore, SavedRound
 
@@ -120,7 +121,8 @@ class RoundRunner:
         self.seen: set[str] = set()  # pair ids of saved rounds
         self.claimed: set[str] = set()  # pair ids buffered or in the running round
         self.buffer: list[tuple[m.PreferencePair, asyncio.Future[None]]] = []
-        self.dropped = {"stale": 0, "duplicate": 0}
+        self.dropped = {"stale": 0, "duplicate": 0, "too_long": 0, "no_token_ids": 0}
+        self.rejected: set[str] = set()  # ids of dropped pairs (a planned round skips them)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -215,7 +217,13 @@ class RoundRunner:
         if pair.id in self.claimed:
             verdict = "duplicate"
         else:
-            verdict = admit(pair, self.current, self.settings.max_staleness, self.seen)
+            verdict = admit(
+                pair,
+                self.current,
+                self.settings.max_staleness,
+                self.seen,
+                self.settings.max_length,
+            )
         if verdict != "ok":
             self._drop(verdict, pair)
             return []  # nothing to train: its offset may commit
@@ -223,7 +231,9 @@ class RoundRunner:
         self.claimed.add(pair.id)
         self.buffer.append((pair, future))
         self._buffer_changed()
-        if len(self.buffer) >= self.settings.round_size:
+        if self.settings.round_protocol:
+            pass  # the planner says which pairs make a round, and when (planner.py)
+        elif len(self.buffer) >= self.settings.round_size:
             self._schedule()
         elif self._timer is None:
             self._timer = self._loop.call_later(self.settings.round_timeout_s, self._on_timeout)
@@ -232,7 +242,25 @@ class RoundRunner:
 
     def _drop(self, reason: str, pair: m.PreferencePair) -> None:
         self.dropped[reason] += 1
+        self.rejected.add(pair.id)
         self.m_dropped.labels(reason).inc()
+        if reason == "too_long" and self.dropped[reason] == 1:
+            log.warning(
+                "dropping pair %s: %d tokens (prompt + longer answer) exceed trainer.max_length "
+                "(%d); the sampler's max_prompt_tokens + max_tokens should fit it (this pair "
+                "was sampled with max_tokens %d). Further such drops are counted in "
+                'pairs_dropped_total{reason="too_long"}',
+                pair.id,
+                pair_length(pair),
+                self.settings.max_length,
+                pair.sampling.max_tokens,
+            )
+        elif reason == "no_token_ids" and self.dropped[reason] == 1:
+            log.warning(
+                "dropping pair %s: it carries no sampled token ids (written by an older "
+                "judge?), so it cannot be trained exactly as drawn; further ones are counted",
+                pair.id,
+            )
         log.debug("dropping %s pair %s (policy v%d)", reason, pair.id, pair.policy_version)
 
     def _buffer_changed(self) -> None:
@@ -381,6 +409,27 @@ class RoundRunner:
                 continue
             if saved.version in versions:
                 return
+
+    # ------------------------------------------------------------------ planned rounds
+    def settled(self, pair_ids: set[str]) -> bool:
+        """Whether every one of ``pair_ids`` has arrived: buffered, or dropped for a reason
+        (the planner asks before it trains a round made of them)."""
+        buffered = {pair.id for pair, _ in self.buffer}
+        return pair_ids <= buffered | self.rejected
+
+    async def train_planned(self, pair_ids: set[str]) -> None:
+        """Train the round made of exactly ``pair_ids`` (all buffered), as the planner says."""
+        assert self._lock is not None
+        async with self._lock:
+            batch = [(p, f) for p, f in self.buffer if p.id in pair_ids]
+            self.buffer = [(p, f) for p, f in self.buffer if p.id not in pair_ids]
+            self._buffer_changed()
+            await self._round(batch)  # a failed round's pairs come back (redelivered)
+
+    def train_planned_threadsafe(self, pair_ids: set[str]) -> Future[None]:
+        """Schedule :meth:`train_planned` on the handler loop; the future says when it ended."""
+        assert self._loop is not None  # pairs are buffered, so the handler loop is known
+        return asyncio.run_coroutine_threadsafe(self.train_planned(set(pair_ids)), self._loop)
 
     # ------------------------------------------------------------------ control
     async def trigger(self, max_pairs: int | None = None) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from onpolicy.budget import DEFAULT_MAX_LENGTH
 from onpolicy.settings import ServiceSettings
 from onpolicy.stack.settings import default_home
 
@@ -33,9 +34,18 @@ class TrainerSettings(ServiceSettings):
     group_id: str = Field("trainer", description="Kafka consumer group")
 
     # Rounds
+    round_protocol: bool = Field(
+        True,
+        description="plan each round on the rounds topic (which prompts, sampled by which "
+        "policy) and train once all of them are judged: on-policy with any number of sampler "
+        "replicas, nothing sampled in vain; off: train every round_size pairs as they come",
+    )
     round_size: int = Field(64, ge=1, description="pairs per DPO round")
     round_timeout_s: float = Field(
-        600.0, gt=0, description="run a round with what is buffered after this many seconds"
+        600.0,
+        gt=0,
+        description="run a round with what is buffered after this many seconds (protocol: "
+        "once its prompts are all judged and no more can be planned)",
     )
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, wait this long for a running round to publish"
@@ -51,9 +61,11 @@ class TrainerSettings(ServiceSettings):
     num_epochs: float = Field(1.0, gt=0)
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(320, ge=16, description="prompt + completion tokens")
-    max_prompt_length: int = Field(
-        192, ge=8, description="prompt tokens (longest message is cut from its start)"
+    max_length: int = Field(
+        DEFAULT_MAX_LENGTH,
+        ge=16,
+        description="prompt + completion tokens; a longer pair is dropped (too_long), never "
+        "cut. Fit it to the sampler's max_prompt_tokens + max_tokens",
     )
     reference: Literal["base", "previous"] = Field(
         "base",
@@ -87,15 +99,6 @@ class TrainerSettings(ServiceSettings):
         None, description="push each round's adapter and dataset to this Hub repo"
     )
     hub_private: bool = True
-
-    @model_validator(mode="after")
-    def _lengths(self) -> TrainerSettings:
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below "
-                f"max_length ({self.max_length})"
-            )
-        return self
 
     @property
     def loss_types(self) -> list[str]:

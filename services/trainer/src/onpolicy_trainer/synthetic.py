@@ -7,6 +7,8 @@ has a clear, learnable signal.
 
 from __future__ import annotations
 
+from typing import Any
+
 from onpolicy import messages as m
 
 FACTS = (
@@ -39,10 +41,29 @@ def rambling(question: str, answer: str, repeats: int = 3) -> str:
     return (filler + sentence) * repeats + f"So, to sum up, the answer is {core}, {core}, {core}."
 
 
+def sampled_ids(tokenizer: Any, prompt: m.Prompt, answer: str) -> tuple[list[int], list[int]]:
+    """The ids vLLM would return had the model sampled ``answer`` and ended it: the prompt
+    under the chat template with the generation prompt, the answer, then EOS."""
+    encoded = tokenizer.apply_chat_template(
+        m.model_input(prompt), tokenize=True, add_generation_prompt=True
+    )
+    prompt_ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return prompt_ids, [*answer_ids, tokenizer.eos_token_id]
+
+
 def make_pairs(
-    n: int, policy_version: int = 0, judge_id: str = "synthetic", round_: int = 0
+    n: int,
+    policy_version: int = 0,
+    judge_id: str = "synthetic",
+    round_: int = 0,
+    tokenizer: Any = None,
 ) -> list[m.PreferencePair]:
-    """``n`` validated pairs (ids filled); prompts cycle through ``FACTS``."""
+    """``n`` validated pairs (ids filled); prompts cycle through ``FACTS``.
+
+    With a ``tokenizer`` (the base model's) the pairs carry sampled token ids as the sampler
+    would record them, so the trainer can train them; without one they carry text only.
+    """
     pairs = []
     for i in range(n):
         question, answer = FACTS[i % len(FACTS)]
@@ -57,7 +78,7 @@ def make_pairs(
             prompt_id=prompt.id,
             prompt=prompt,
             chosen=answer,
-            rejected=rambling(question, answer, repeats=2 + i % 3),
+            rejected=rambling(question, answer, repeats=1 + i % 3),
             chosen_score=1.0,
             rejected_score=0.2,
             margin=0.8,
@@ -65,6 +86,13 @@ def make_pairs(
             policy_version=policy_version,
             chosen_index=0,
             rejected_index=1,
+            chosen_finish_reason="stop",
+            rejected_finish_reason="stop",
         )
+        if tokenizer is not None:
+            prompt_ids, chosen_ids = sampled_ids(tokenizer, prompt, pair.chosen)
+            pair.prompt_token_ids[:] = prompt_ids
+            pair.chosen_token_ids[:] = chosen_ids
+            pair.rejected_token_ids[:] = sampled_ids(tokenizer, prompt, pair.rejected)[1]
         pairs.append(m.validate(pair))
     return pairs
