@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -569,3 +570,25 @@ def test_kafka_spreads_over_nodes_and_zones_and_the_external_listener_is_restric
         if listener["type"] in ("loadbalancer", "nodeport"):
             ranges = listener["configuration"]["loadBalancerSourceRanges"]
             assert ranges and not {"0.0.0.0/0", "::/0"} & set(ranges)
+
+
+def test_the_control_plane_check_covers_every_overlay_meant_for_a_cluster() -> None:
+    # make deploy-check (deploy/tools/deploy_check.py) applies these to a real API server.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_check", dc.TOOLS_DIR / "deploy_check.py")
+    check = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_check"] = check  # dataclasses look their module up
+    spec.loader.exec_module(check)
+    overlays = {p.name for p in (dc.K8S / "overlays").iterdir() if p.is_dir()}
+    cases = {c.overlay: c for c in check.cases()}
+    # gpu is the cloud-neutral layer under gke, eks and gpu-operator.
+    assert set(cases) == overlays - {"gpu"}
+    for case in cases.values():
+        assert set(case.placement) == set(check.PIPELINE)
+        pools = {n.pool for n in case.nodes}
+        assert set().union(*case.placement.values()) <= pools
+        # A static volume of the claim's access mode for every claim.
+        claims = of_kind(built(case.overlay), "PersistentVolumeClaim")
+        modes = [v.access for v in case.volumes]
+        assert sorted(c["spec"]["accessModes"][0] for c in claims) == sorted(modes)
