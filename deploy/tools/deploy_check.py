@@ -750,7 +750,8 @@ def kafka_probe(cp: ControlPlane, objects: list[dict[str, Any]], pools: dict[str
     kafka = next(o for o in objects if o["kind"] == "Kafka")
     cluster = kafka["metadata"]["name"]
     rack = kafka["spec"]["kafka"].get("rack", {}).get("topologyKey")
-    probes = []
+    probes: list[dict[str, Any]] = []
+    extras: list[dict[str, Any]] = []
     for pool in (o for o in objects if o["kind"] == "KafkaNodePool"):
         template = pool["spec"].get("template", {}).get("pod", {})
         name = pool["metadata"]["name"]
@@ -761,49 +762,63 @@ def kafka_probe(cp: ControlPlane, objects: list[dict[str, Any]], pools: dict[str
             )
             for term in required["nodeSelectorTerms"]:
                 term.setdefault("matchExpressions", []).append({"key": rack, "operator": "Exists"})
-        for i in range(pool["spec"]["replicas"]):
-            spec: dict[str, Any] = {
-                "containers": [
-                    {
-                        "name": "kafka",
-                        "image": "registry.k8s.io/pause:3.10",
-                        "resources": pool["spec"].get("resources", {}),
-                    }
-                ],
-                "affinity": affinity,
-                "topologySpreadConstraints": template.get("topologySpreadConstraints", []),
-            }
-            probes.append(
+        spec: dict[str, Any] = {
+            "containers": [
                 {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {
-                        "name": f"kafka-probe-{name}-{i}",
-                        "namespace": NAMESPACE,
-                        "labels": {
-                            "strimzi.io/cluster": cluster,
-                            "strimzi.io/pool-name": name,
-                            "strimzi.io/kind": "Kafka",
-                            "onpolicy.deploy-check/probe": "kafka",
-                        },
-                    },
-                    "spec": {k: v for k, v in spec.items() if v},
+                    "name": "kafka",
+                    "image": "registry.k8s.io/pause:3.10",
+                    "resources": pool["spec"].get("resources", {}),
                 }
-            )
-    cp.kubectl(
-        "create", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": probes})
+            ],
+            "affinity": affinity,
+            "topologySpreadConstraints": template.get("topologySpreadConstraints", []),
+        }
+        replicas = pool["spec"]["replicas"]
+        for i in range(replicas + (replicas > 1)):
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": f"kafka-probe-{name}-{i if i < replicas else 'extra'}",
+                    "namespace": NAMESPACE,
+                    "labels": {
+                        "strimzi.io/cluster": cluster,
+                        "strimzi.io/pool-name": name,
+                        "strimzi.io/kind": "Kafka",
+                        "onpolicy.deploy-check/probe": "kafka" if i < replicas else "extra",
+                    },
+                },
+                "spec": {k: v for k, v in spec.items() if v},
+            }
+            (probes if i < replicas else extras).append(pod)
+
+    def listed(kind: str) -> list[dict[str, Any]]:
+        selector = f"onpolicy.deploy-check/probe={kind}"
+        return cp.get_json("pods", "-n", NAMESPACE, "-l", selector)["items"]
+
+    def settle(kind: str, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Create the pods; wait until each is bound or refused by the scheduler."""
+        cp.kubectl(
+            "create",
+            "-f",
+            "-",
+            stdin=json.dumps({"kind": "List", "apiVersion": "v1", "items": pods}),
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            now = listed(kind)
+            if time.monotonic() > deadline or all(
+                p["spec"].get("nodeName") or unscheduled_reason(p) != "not bound yet" for p in now
+            ):
+                return now
+            time.sleep(0.5)
+
+    pods = settle("kafka", probes)
+    # One broker more than the pool has, once the others are placed: on a cluster with as
+    # many eligible nodes as brokers, only a rule keeping brokers apart refuses it.
+    extra = (
+        settle("extra", extras) if extras and all(p["spec"].get("nodeName") for p in pods) else []
     )
-
-    def bound() -> list[dict[str, Any]]:
-        return cp.get_json("pods", "-n", NAMESPACE, "-l", "onpolicy.deploy-check/probe=kafka")[
-            "items"
-        ]
-
-    deadline = time.monotonic() + 30
-    pods = bound()
-    while time.monotonic() < deadline and not all(p["spec"].get("nodeName") for p in pods):
-        time.sleep(0.5)
-        pods = bound()
     nodes = cp.get_json("nodes")["items"]
     zone_of = {
         n["metadata"]["name"]: n["metadata"]["labels"].get("topology.kubernetes.io/zone")
@@ -821,6 +836,14 @@ def kafka_probe(cp: ControlPlane, objects: list[dict[str, Any]], pools: dict[str
             p["metadata"]["name"]: p["spec"].get("nodeName") or unscheduled_reason(p) for p in pods
         },
         "pools": sorted({pools[n] for n in on}),
+        "extra_broker": {
+            p["metadata"]["name"]: (
+                f"bound to {p['spec']['nodeName']}"
+                if p["spec"].get("nodeName")
+                else f"refused: {unscheduled_reason(p)}"
+            )
+            for p in extra
+        },
     }
 
 
@@ -951,6 +974,11 @@ def run_case(case: Case, bindir: Path, etcd: str, work: Path, wait_s: float) -> 
         kafka = kafka_probe(cp, objects, pools)
         if kafka["scheduled"] != kafka["brokers"]:
             failures.append(f"Kafka broker probe: {kafka['placements']}")
+        elif any(v.startswith("bound") for v in kafka["extra_broker"].values()):
+            failures.append(
+                f"Kafka: one broker more than the pool's replicas was placed too "
+                f"({kafka['extra_broker']}): nothing keeps two brokers off one node"
+            )
         elif not set(kafka["pools"]) <= case.kafka_pools:
             failures.append(f"Kafka brokers on {kafka['pools']}, expected {case.kafka_pools}")
         elif kafka["brokers"] > 1 and (
