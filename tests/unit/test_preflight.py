@@ -90,3 +90,27 @@ def test_gpu_check_fails_with_the_reason_when_torch_sees_no_gpu(
     monkeypatch.setattr(preflight.os, "execvp", lambda f, argv: execs.append(argv))
     assert preflight.main(["--gpu", "--", "python", "-m", "onpolicy_trainer"]) == 1
     assert execs == []
+
+
+def test_fetch_downloads_hub_models_and_explains_a_gated_one(
+    hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub.errors import GatedRepoError
+
+    fetched = []
+
+    def fake_download(name: str, cache_dir: Path, ignore_patterns: list[str]) -> str:
+        if name == "org/gated":
+            error = GatedRepoError.__new__(GatedRepoError)  # without an HTTP response
+            Exception.__init__(error, "401 gated")
+            raise error
+        fetched.append((name, Path(cache_dir)))
+        return str(cache_model(Path(cache_dir), name))
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the images' setting; the fetcher lifts it
+    assert preflight.main(["--fetch", "--model=org/model", "--model="]) == 0
+    assert fetched == [("org/model", hf_home / "hub")]
+    with pytest.raises(preflight.PreflightError, match="onpolicy-hf-token"):
+        preflight.fetch_models(["org/gated"])
