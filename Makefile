@@ -11,7 +11,7 @@ endif
 PYTEST_ARGS ?=
 
 .PHONY: help install prepare tools up down test test-unit test-integration test-e2e lint format \
-        proto demo bench clean
+        proto demo bench clean deploy-check
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ prepare: install ## fetch Kafka's jars, install vLLM (own venv), convert the def
 
 tools: ## kustomize and the CRD/compose schemas that validate deploy/ offline (cached)
 	deploy/tools/install.sh
+
+deploy-check: install tools ## every overlay on a real control plane (built once, cached; needs go, etcd-server)
+	$(PY) deploy/tools/deploy_check.py $(DEPLOY_CHECK_ARGS)
 
 up: prepare ## start the local stack (Kafka + vLLM) in the background
 	$(PY) -m onpolicy.cli up

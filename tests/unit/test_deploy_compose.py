@@ -13,7 +13,14 @@ from _deploy import REPO, dc, load_service_settings, tools_or_fail, unknown_env
 
 from onpolicy.settings import TOPIC_KINDS
 
-SERVICES = {"sampler": "sampler", "judge": "judge", "trainer": "trainer", "trainer-cpu": "trainer"}
+SERVICES = {
+    "sampler": "sampler",
+    "judge": "judge",
+    "judge-reward-model": "judge",
+    "trainer": "trainer",
+    "trainer-cpu": "trainer",
+}
+PROFILES = ("cpu", "gpu", "gpu-reward-model")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,7 @@ def test_sampler_budget_fits_the_trainers_max_length(
 def test_vllm_serves_lora_and_the_sampler_finds_it(compose: dict[str, Any]) -> None:
     services = compose["services"]
     gpu, cpu = services["vllm"], services["vllm-cpu"]
-    assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
+    assert gpu["profiles"] == ["gpu", "gpu-reward-model"] and cpu["profiles"] == ["cpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert "deploy" not in cpu
     assert "vllm" in cpu["networks"]["default"]["aliases"]
@@ -137,3 +144,67 @@ def test_prometheus_scrapes_every_service_and_grafana_is_provisioned(
     assert mounts[str(dashboards)] == dc.DASHBOARD.parent
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert mounts[str(Path(home).parent)] / Path(home).name == dc.DASHBOARD
+
+
+def active(compose: dict[str, Any], profile: str) -> dict[str, dict[str, Any]]:
+    """The services ``docker compose --profile PROFILE up`` starts."""
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if "profiles" not in svc or profile in svc["profiles"]
+    }
+
+
+def gpu_ids(service: dict[str, Any]) -> list[str]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    ids = []
+    for device in devices.get("devices", []):
+        assert "count" not in device, "a count takes GPUs in order: name device_ids instead"
+        ids += [dc.interpolate(i) for i in device["device_ids"]]
+    return ids
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_each_profile_runs_one_of_each_stage_on_its_own_gpu(
+    compose: dict[str, Any], profile: str
+) -> None:
+    services = active(compose, profile)
+    judges = [n for n in services if SERVICES.get(n) == "judge"]
+    trainers = [n for n in services if SERVICES.get(n) == "trainer"]
+    vllms = [n for n in services if n.startswith("vllm")]
+    assert len(judges) == 1 and len(trainers) == 1 and len(vllms) == 1, sorted(services)
+    ids = [i for svc in services.values() for i in gpu_ids(svc)]
+    # Never two services on one GPU (vLLM takes 90 % of its memory).
+    assert len(ids) == len(set(ids)), ids
+    if profile == "cpu":
+        assert ids == []
+    # The Prometheus target and the sampler's peers find whichever judge runs as "judge".
+    (judge,) = judges
+    assert judge == "judge" or "judge" in services[judge]["networks"]["default"]["aliases"]
+
+
+def test_reward_model_judge_gets_its_model_and_a_gpu(compose: dict[str, Any]) -> None:
+    judge = compose["services"]["judge-reward-model"]
+    env = env_of(judge)
+    assert env["ONPOLICY_JUDGE_BACKEND"] == "reward_model"
+    model = env["ONPOLICY_JUDGE_REWARD_MODEL__MODEL"]
+    assert model.startswith("/models/") and env["ONPOLICY_JUDGE_REWARD_MODEL__DEVICE"] == "cuda"
+    mounts = {dc.interpolate(v).split(":")[1] for v in judge["volumes"]}
+    assert "/models" in mounts
+    assert len(gpu_ids(judge)) == 1
+    # It checks the GPU and the model before it starts, and names what is missing.
+    entry = [dc.interpolate(a) for a in judge["entrypoint"]]
+    assert entry[:3] == ["python", "-m", "onpolicy.preflight"]
+    assert "--gpu" in entry and f"--model={model}" in entry
+    assert entry[entry.index("--") + 1 :] == ["python", "-m", "onpolicy_judge"]
+    trainer = [dc.interpolate(a) for a in compose["services"]["trainer"]["entrypoint"]]
+    assert "--gpu" in trainer and trainer[-3:] == ["python", "-m", "onpolicy_trainer"]
+
+
+def test_published_ports_are_bound_to_loopback(compose: dict[str, Any]) -> None:
+    published = 0
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), (name, port)
+            published += 1
+    assert published >= 4  # Kafka, the judge's gRPC, Prometheus, Grafana

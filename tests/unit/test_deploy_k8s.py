@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,18 @@ from _deploy import built, dc, load_service_settings, tools_or_fail, unknown_env
 
 from onpolicy.settings import TOPIC_KINDS
 
-OVERLAYS = ("base", "dev", "gpu")
+OVERLAYS = ("base", "dev", "gpu", "gke", "eks", "gpu-operator")
+# The cloud overlays: the gpu overlay with components/<cloud> (GPU labels, RWX storage class).
+CLOUDS = {
+    "gke": ("cloud.google.com/gke-accelerator", "standard-rwx"),
+    "eks": ("node.kubernetes.io/instance-type", "onpolicy-efs"),
+    "gpu-operator": ("nvidia.com/gpu.product", "nfs-client"),
+}
+GPU_OVERLAYS = ("gpu", *CLOUDS)
+NAMESPACE = "onpolicy"
+# Kinds the overlays may hold that live outside namespaces.
+CLUSTER_SCOPED = {"Namespace", "StorageClass", "PersistentVolume", "ClusterRole",
+                  "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass"}  # fmt: skip
 SERVICES = ("sampler", "judge", "trainer")
 
 
@@ -72,7 +84,7 @@ def test_every_object_validates_against_its_schema(overlay: str) -> None:
     objects = built(overlay)
     kinds = {o["kind"] for o in objects}
     assert {
-        "Namespace", "Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim",
+        "Namespace", "Deployment", "Service", "ConfigMap", "Job", "PersistentVolumeClaim",
         "PodDisruptionBudget", "NetworkPolicy", "Kafka", "KafkaNodePool", "KafkaTopic",
         "ScaledObject", "ServiceMonitor",
     } <= kinds  # fmt: skip
@@ -306,20 +318,33 @@ def tolerates_gpu_taint(spec: dict[str, Any]) -> bool:
     return any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
 
 
-def test_gpu_overlay_schedules_gpu_pods_on_the_gpu_pool() -> None:
-    objects = built("gpu")
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_gpu_overlays_schedule_gpu_pods_on_gpu_nodes(overlay: str) -> None:
+    objects = built(overlay)
     for deployment in ("sampler", "trainer", "judge"):
         spec = pod_spec(objects, deployment)
+        # Any nvidia.com/gpu taint: GKE's =present, EKS's =true, or none (GPU Operator).
         assert tolerates_gpu_taint(spec), deployment
-        assert spec["nodeSelector"], deployment
+        assert all(t["operator"] == "Exists" for t in spec["tolerations"]), deployment
     assert gpus(container(objects, "sampler", "vllm")) == 1
     assert gpus(container(objects, "sampler", "sampler")) == 0  # the worker only speaks HTTP
     assert gpus(container(objects, "trainer", "trainer")) == 1
     assert gpus(container(objects, "judge", "judge")) == 1
-    assert "nvidia.com/gpu.product" in pod_spec(objects, "sampler")["nodeSelector"]
     judge_env = env_of(objects, container(objects, "judge", "judge"))
     assert judge_env["ONPOLICY_JUDGE_BACKEND"] == "reward_model"
     assert judge_env["ONPOLICY_JUDGE_REWARD_MODEL__MODEL"]
+    selectors = {d: pod_spec(objects, d).get("nodeSelector", {}) for d in SERVICES}
+    if overlay == "gpu":
+        # Cloud-neutral: the GPU requests alone keep the pods on GPU nodes.
+        assert selectors == {d: {} for d in SERVICES}
+    else:
+        label, _ = CLOUDS[overlay]
+        assert label in selectors["sampler"] and label in selectors["trainer"]
+        assert selectors["sampler"] == selectors["trainer"]
+    # Labels only NVIDIA's GPU Feature Discovery sets appear in the GPU Operator overlay only.
+    text = json.dumps([pod_spec(objects, d) for d in SERVICES])
+    assert ("nvidia.com/gpu.product" in text) == (overlay == "gpu-operator")
+    assert ("nvidia.com/gpu.present" in text) == (overlay == "gpu-operator")
     # Replicated Kafka and an authenticated TLS listener for outside publishers.
     assert sum(p["spec"]["replicas"] for p in of_kind(objects, "KafkaNodePool")) == 3
     external = [
@@ -387,3 +412,203 @@ def test_object_names_are_valid_and_unique(overlay: str) -> None:
     assert len(keys) == len(set(keys))
     for _, _, name in keys:
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) and len(name) <= 63, name
+
+
+def pod_templates(objects) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"])
+        for o in objects
+        if o["kind"] in ("Deployment", "Job")
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_namespaced_object_is_in_the_namespace(overlay: str) -> None:
+    # An object without one lands in kubectl's current namespace (KafkaUser once did).
+    objects = built(overlay)
+    outside = [
+        f"{o['kind']}/{o['metadata']['name']}: {o['metadata'].get('namespace')}"
+        for o in objects
+        if o["kind"] not in CLUSTER_SCOPED and o["metadata"].get("namespace") != NAMESPACE
+    ]
+    assert outside == []
+    assert {o["metadata"]["name"] for o in of_kind(objects, "Namespace")} == {NAMESPACE}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_data_and_no_replicas_under_keda(overlay: str) -> None:
+    objects = built(overlay)
+    # The token Secret is created beside the kustomization: an apply must never overwrite it.
+    assert of_kind(objects, "Secret") == []
+    assert "secretGenerator" not in (dc.K8S / "base" / "kustomization.yaml").read_text()
+    for scaled in of_kind(objects, "ScaledObject"):
+        target = named(objects, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+        # A replicas field would scale KEDA's choice back at every apply.
+        assert "replicas" not in target["spec"], target["metadata"]["name"]
+    assert named(objects, "Deployment", "trainer")["spec"]["replicas"] == 1
+
+
+def _config_key(objects, c: dict[str, Any], var: str) -> str | None:
+    for item in c.get("env", []):
+        if item["name"] == var:
+            ref = item.get("valueFrom", {}).get("configMapKeyRef")
+            return ref["key"] if ref else None
+    return None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_model_a_pod_loads_is_fetched_by_the_job_and_awaited(overlay: str) -> None:
+    objects = built(overlay)
+    job = named(objects, "Job", "onpolicy-models")["spec"]["template"]["spec"]
+    (fetch,) = job["containers"]
+    assert fetch["command"][:4] == ["python", "-m", "onpolicy.preflight", "--fetch"]
+    fetched = {a.removeprefix("--model=$(").removesuffix(")") for a in fetch["command"][4:]}
+    assert {_config_key(objects, fetch, v) for v in fetched} == fetched == {"MODEL", "REWARD_MODEL"}
+    assert env_of(objects, fetch)["HF_HUB_OFFLINE"] == "0"
+    mounts = {m["name"]: m["mountPath"] for m in fetch["volumeMounts"]}
+    assert mounts["hf-token"] == "/var/run/secrets/onpolicy/hf"
+    token = next(v for v in job["volumes"] if v["name"] == "hf-token")["secret"]
+    assert token["secretName"] == "onpolicy-hf-token" and token["optional"] is True
+    # Where each pod's model comes from: (deployment, container, variable naming the model).
+    loads = [("sampler", "vllm", "MODEL"), ("trainer", "trainer", "ONPOLICY_TRAINER_MODEL")]
+    judge_env = env_of(objects, container(objects, "judge", "judge"))
+    if judge_env["ONPOLICY_JUDGE_BACKEND"] == "reward_model":
+        loads.append(("judge", "judge", "ONPOLICY_JUDGE_REWARD_MODEL__MODEL"))
+    for deployment, name, var in loads:
+        c = container(objects, deployment, name)
+        key = _config_key(objects, c, var) or var  # vLLM reads MODEL through envFrom
+        assert key in fetched, (deployment, key)
+        (init,) = [
+            i for i in pod_spec(objects, deployment)["initContainers"] if i["name"] == "models"
+        ]
+        assert init["command"][:3] == ["python", "-m", "onpolicy.preflight"]
+        assert any(a.startswith("--wait=") for a in init["command"])
+        model_args = [a for a in init["command"] if a.startswith("--model=$(")]
+        assert [_config_key(objects, init, a[len("--model=$(") : -1]) for a in model_args] == [key]
+        # The same cache as the container that loads it, read-only.
+        mount = next(m for m in init["volumeMounts"] if m["mountPath"] == "/models")
+        assert mount["readOnly"] is True and mount["name"] == "model-cache"
+        assert env_of(objects, init)["HF_HOME"] == env_of(objects, c)["HF_HOME"]
+    # vLLM never downloads (the trainer and judge images set HF_HUB_OFFLINE=1 themselves).
+    assert env_of(objects, container(objects, "sampler", "vllm"))["HF_HUB_OFFLINE"] == "1"
+    for service in ("judge", "trainer"):
+        dockerfile = (dc.REPO / "services" / service / "Dockerfile").read_text()
+        assert "HF_HUB_OFFLINE=1" in dockerfile
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_containers_check_their_gpu_at_start(overlay: str) -> None:
+    objects = built(overlay)
+    for deployment in SERVICES:
+        for c in pod_spec(objects, deployment)["containers"]:
+            if c["name"] == "vllm":
+                continue  # vLLM's GPU build fails without a GPU by itself
+            command = c.get("command", [])
+            checks = command[:3] == ["python", "-m", "onpolicy.preflight"] and "--gpu" in command
+            assert checks == (gpus(c) > 0), (deployment, c["name"], command)
+            if checks:
+                assert command[command.index("--") + 1 :] == [
+                    "python",
+                    "-m",
+                    f"onpolicy_{c['name']}",
+                ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_templates_and_init_steps_are_hardened(overlay: str) -> None:
+    objects = built(overlay)
+    for where, spec in pod_templates(objects):
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["runAsUser"] == 10001, where
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (where, c["name"])
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), (where, c["name"])
+            root = sc.get("runAsUser") == 0
+            # Root only for the volume-owner step, and with chown rights only.
+            assert root == (c["name"] == "volume-owner"), (where, c["name"])
+            if root:
+                assert set(sc["capabilities"]["add"]) <= {"CHOWN", "FOWNER", "DAC_OVERRIDE"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shared_volumes_are_given_to_uid_10001_before_any_pod_writes(overlay: str) -> None:
+    objects = built(overlay)
+    job = named(objects, "Job", "onpolicy-models")["spec"]["template"]["spec"]
+    (owner,) = [c for c in job["initContainers"] if c["name"] == "volume-owner"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in job["volumes"]
+              if "persistentVolumeClaim" in v}  # fmt: skip
+    mounted = {claims[m["name"]]: m["mountPath"] for m in owner["volumeMounts"]}
+    assert set(mounted) == {
+        p["metadata"]["name"] for p in of_kind(objects, "PersistentVolumeClaim")
+    }
+    script = owner["command"][-1]
+    for path in mounted.values():
+        assert path in script
+    assert "chown 10001:10001" in script
+
+
+@pytest.mark.parametrize("overlay", list(CLOUDS))
+def test_cloud_overlays_name_a_read_write_many_class(overlay: str) -> None:
+    objects = built(overlay)
+    _, storage_class = CLOUDS[overlay]
+    for pvc in of_kind(objects, "PersistentVolumeClaim"):
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert pvc["spec"]["storageClassName"] == storage_class
+    classes = of_kind(objects, "StorageClass")
+    if overlay == "eks":
+        (efs,) = classes
+        assert efs["provisioner"] == "efs.csi.aws.com"
+        # EFS access points own each volume as the pods' user (fsGroup is ignored on NFS).
+        assert efs["parameters"]["uid"] == efs["parameters"]["gid"] == "10001"
+    else:
+        assert classes == []  # the cloud's own class (GKE) or the cluster's (NFS provisioner)
+
+
+@pytest.mark.parametrize("overlay", GPU_OVERLAYS)
+def test_kafka_spreads_over_nodes_and_zones_and_the_external_listener_is_restricted(
+    overlay: str,
+) -> None:
+    objects = built(overlay)
+    kafka = of_kind(objects, "Kafka")[0]
+    cluster = kafka["metadata"]["name"]
+    assert kafka["spec"]["kafka"]["rack"]["topologyKey"] == "topology.kubernetes.io/zone"
+    for pool in of_kind(objects, "KafkaNodePool"):
+        pod = pool["spec"]["template"]["pod"]
+        labels = {"strimzi.io/cluster": cluster, "strimzi.io/pool-name": pool["metadata"]["name"]}
+        (anti,) = pod["affinity"]["podAntiAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert anti["topologyKey"] == "kubernetes.io/hostname"
+        assert anti["labelSelector"]["matchLabels"] == labels
+        (spread,) = pod["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+        assert spread["labelSelector"]["matchLabels"] == labels and spread["maxSkew"] == 1
+    for listener in kafka["spec"]["kafka"]["listeners"]:
+        if listener["type"] in ("loadbalancer", "nodeport"):
+            ranges = listener["configuration"]["loadBalancerSourceRanges"]
+            assert ranges and not {"0.0.0.0/0", "::/0"} & set(ranges)
+
+
+def test_the_control_plane_check_covers_every_overlay_meant_for_a_cluster() -> None:
+    # make deploy-check (deploy/tools/deploy_check.py) applies these to a real API server.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_check", dc.TOOLS_DIR / "deploy_check.py")
+    check = importlib.util.module_from_spec(spec)
+    sys.modules["deploy_check"] = check  # dataclasses look their module up
+    spec.loader.exec_module(check)
+    overlays = {p.name for p in (dc.K8S / "overlays").iterdir() if p.is_dir()}
+    cases = {c.overlay: c for c in check.cases()}
+    # gpu is the cloud-neutral layer under gke, eks and gpu-operator.
+    assert set(cases) == overlays - {"gpu"}
+    for case in cases.values():
+        assert set(case.placement) == set(check.PIPELINE)
+        pools = {n.pool for n in case.nodes}
+        assert set().union(*case.placement.values()) <= pools
+        # A static volume of the claim's access mode for every claim.
+        claims = of_kind(built(case.overlay), "PersistentVolumeClaim")
+        modes = [v.access for v in case.volumes]
+        assert sorted(c["spec"]["accessModes"][0] for c in claims) == sorted(modes)
