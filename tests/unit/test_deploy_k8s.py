@@ -193,7 +193,7 @@ def test_a_kafka_topic_per_pipeline_topic(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_keda_scales_sampler_and_judge_on_their_groups_lag(overlay: str) -> None:
+def test_keda_scales_the_sampler_on_round_work_and_the_judge_on_its_lag(overlay: str) -> None:
     objects = built(overlay)
     prefix = shared_config(objects)["topics"]["prefix"]
     partitions = {
@@ -208,12 +208,19 @@ def test_keda_scales_sampler_and_judge_on_their_groups_lag(overlay: str) -> None
         spec = scaled[name]["spec"]
         named(objects, "Deployment", spec["scaleTargetRef"]["name"])
         (trigger,) = spec["triggers"]
-        assert trigger["type"] == "kafka"
         meta = trigger["metadata"]
-        assert meta["consumerGroup"] == name
-        assert meta["topic"] == prefix + kind
-        assert meta["bootstrapServers"] == f"{cluster}-kafka-bootstrap.{namespace}.svc:9092"
-        assert int(meta["lagThreshold"]) > 0
+        if name == "sampler":
+            # The round protocol's own measure of sampler work, not the prompt backlog.
+            assert trigger["type"] == "prometheus"
+            assert "onpolicy_trainer_round_prompts_remaining" in meta["query"]
+            assert f'namespace="{namespace}"' in meta["query"]
+            assert meta["serverAddress"].startswith("http://") and float(meta["threshold"]) > 0
+        else:
+            assert trigger["type"] == "kafka"
+            assert meta["consumerGroup"] == name
+            assert meta["topic"] == prefix + kind
+            assert meta["bootstrapServers"] == f"{cluster}-kafka-bootstrap.{namespace}.svc:9092"
+            assert int(meta["lagThreshold"]) > 0
         # More consumers than partitions would idle.
         assert spec["minReplicaCount"] >= 1
         assert spec["maxReplicaCount"] <= partitions[prefix + kind]
