@@ -260,8 +260,8 @@ def run(args: Any) -> dict[str, Any]:
                     round_size=round_size,
                     # Side by side each side has one core; the service's own setting says so.
                     torch_threads=1 if side_by_side else 0,
-                    # The longest synthetic pair is 200 tokens: none is dropped (too_long).
-                    max_length=224,
+                    # The longest synthetic pair is 152 tokens: none is dropped (too_long).
+                    max_length=160,
                 )
 
             settings = settings_for("warmup")

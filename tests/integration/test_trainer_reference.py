@@ -30,7 +30,7 @@ def _tokenizer(model_dir: str):
 def _settings(model_dir: Path, **overrides) -> TrainerSettings:
     values = dict(
         model=str(model_dir),
-        max_length=208,
+        max_length=160,
         per_device_batch_size=2,
         learning_rate=5e-3,  # large, so one round moves the weights measurably
         torch_threads=2,

@@ -1,6 +1,6 @@
 """The trainer against the real broker, real TRL on SmolLM2-135M, and the real vLLM server.
 
-Rounds are tiny (8 pairs, max_length 208) so that each trains in well under a minute on
+Rounds are tiny (8 pairs, max_length 160) so that each trains in well under a minute on
 two shared cores.
 """
 
@@ -33,7 +33,7 @@ from onpolicy_trainer.synthetic import make_pairs as synthetic_pairs
 
 ROUND = 8
 # Long enough for the longest synthetic pair (the trainer drops longer pairs, never cuts).
-TINY = {"max_length": 208, "learning_rate": 2e-4}
+TINY = {"max_length": 160, "learning_rate": 2e-4}
 
 
 @functools.cache
@@ -155,7 +155,13 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
     settings = settings_for(kafka, topics, model_dir, tmp_path / "ckpt", round_size=100)
     stale = make_pairs(2, policy_version=0)
     [fresh] = make_pairs(1, policy_version=1, round_=7)
-    publish(kafka, topics.name("pairs"), [*stale, fresh, fresh])  # the second is a duplicate
+    # Longer than max_length: dropped and counted, never cut into another context.
+    [too_long] = make_pairs(1, policy_version=1, round_=8)
+    too_long.chosen_token_ids.extend([42] * TINY["max_length"])
+    # No sampled ids (an older judge): cannot be trained exactly as drawn.
+    [no_ids] = synthetic_pairs(1, policy_version=1, round_=9)
+    # The second fresh copy is a duplicate.
+    publish(kafka, topics.name("pairs"), [*stale, too_long, no_ids, fresh, fresh])
     processor, client, metrics = service(settings)
 
     def dropped(reason: str) -> float:
@@ -166,6 +172,8 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
 
     with running(processor):
         wait_until(lambda: dropped("stale") == 2, timeout=60, what="stale pairs dropped")
+        wait_until(lambda: dropped("too_long") == 1, timeout=30, what="too long dropped")
+        wait_until(lambda: dropped("no_token_ids") == 1, timeout=30, what="id-less dropped")
         wait_until(
             lambda: len(processor.runner.buffer) == 1, timeout=30, what="fresh pair buffered"
         )
@@ -179,18 +187,19 @@ def test_stale_and_duplicate_pairs_are_dropped_counted_and_trigger_runs_a_round(
             timeout=30,
             what="duplicate dropped",
         )
-        # The buffered pair holds its partition's offset: only the two stale ones commit.
+        # The buffered pair holds its partition's offset: only the dropped ones commit (the
+        # fresh pair and its copy come last in their partition).
         wait_until(
-            lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 2,
+            lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 4,
             timeout=30,
-            what="stale offsets committed",
+            what="dropped offsets committed",
         )
         response = client.post("/rounds/trigger")
         assert response.status_code == 202, response.text
         assert response.json() == {"triggered": True, "pairs": 1, "next_version": 2}
         records = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 2, timeout=600)
         wait_until(
-            lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 4,
+            lambda: sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 6,
             timeout=30,
             what="all offsets committed",
         )

@@ -78,7 +78,7 @@ def make_pairs(
             prompt_id=prompt.id,
             prompt=prompt,
             chosen=answer,
-            rejected=rambling(question, answer, repeats=1 + i % 3),
+            rejected=rambling(question, answer, repeats=1 + i % 2),
             chosen_score=1.0,
             rejected_score=0.2,
             margin=0.8,
