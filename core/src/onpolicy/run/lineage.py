@@ -22,6 +22,7 @@ from onpolicy.bus import Producer, ensure_topics
 from onpolicy.run.procs import ServiceProcess, wait_for
 from onpolicy.run.settings import RunSettings
 from onpolicy.run.tail import TopicTail
+from onpolicy.secrets import split_secrets, write_private
 from onpolicy.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
@@ -143,15 +144,24 @@ class Lineage:
                 **settings.trainer,
             },
         }
+        # Secrets (the SASL password, API keys) never reach the file: the services get them
+        # as environment variables, which they read before the YAML file.
+        secret_env: dict[str, str] = {}
         kafka_cfg = config["kafka"]
-        if "sasl_password" in kafka_cfg:  # model_dump masks secrets; the services need them
-            kafka_cfg["sasl_password"] = kafka.sasl_password.get_secret_value()  # type: ignore[union-attr]
+        if kafka.sasl_password is not None:  # model_dump masks it; the services need it
+            kafka_cfg["sasl_password"] = kafka.sasl_password.get_secret_value()
+        config["kafka"], found = split_secrets(kafka_cfg, "ONPOLICY_KAFKA__")
+        secret_env |= found
+        for svc in ("sampler", "judge", "trainer"):
+            config[svc], found = split_secrets(config[svc], f"ONPOLICY_{svc.upper()}_")
+            secret_env |= found
         self.config_file = self.dir / "config.yaml"
-        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_private(self.config_file, yaml.safe_dump(config, sort_keys=False))
         env = {
             "ONPOLICY_CONFIG": str(self.config_file),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **secret_env,
         }
         self.services = {
             svc: ServiceProcess(svc, self.dir / f"{svc}.log", dict(env))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from onpolicy.secrets import open_private
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -39,7 +41,7 @@ class ServiceProcess:
             f"ONPOLICY_{self.name.upper()}_HTTP__PORT": str(self.port),
             f"ONPOLICY_{self.name.upper()}_HTTP__HOST": "127.0.0.1",
         }
-        self.log = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop)
+        self.log = open_private(self.log_file, "ab")  # closed in stop
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"onpolicy_{self.name}"],
             env=env,
