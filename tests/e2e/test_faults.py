@@ -73,9 +73,10 @@ def test_a_judge_killed_mid_run_is_restarted_and_the_run_completes(
     assert "pid" in killed, "the judge was never killed"
     assert report["error"] is None and not report["interrupted"]
     [restart] = report["restarts"]
-    assert (restart["lineage"], restart["service"], restart["exit_code"]) == ("onpolicy", "judge", -9)
+    assert (restart["lineage"], restart["service"]) == ("onpolicy", "judge")
+    assert restart["exit_code"] == -signal.SIGKILL
     assert restart["restart"] == 1 and restart["exited_at"]
-    # Every group of both rounds was judged, the killed judge's unfinished ones by its successor.
+    # Every group was judged, the killed judge's unfinished ones by its successor.
     first, last = report["rounds"]
     assert first["train_groups"] == 6 and first["eval_reward_mean"] is not None
     assert last["eval_reward_mean"] is not None
