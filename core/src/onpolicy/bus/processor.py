@@ -575,13 +575,13 @@ class Processor(Generic[M]):
                     self.backend_ok = False
                 closed_before = self.breaker.closed and not probe
                 # The breaker counts what says the backend is down or overloaded; other errors
-                # (a bug, a failed training round) are this record's, retried and bounded by
-                # max_attempts as before. A probe's failure of any kind re-opens it.
+                # (a bad request, a bug, a failed training round) are this record's: the
+                # backend answered. They are retried and bounded by max_attempts as before.
                 opened = False
-                if transient or probe:
+                if transient:
                     opened = self.breaker.failure(f"{type(exc).__name__}: {exc}")
                 else:
-                    self.breaker.success()  # the backend answered (with an error of its own)
+                    self.breaker.success()
                 # Counted against this record only while others get through: a failure that
                 # opens the breaker, or a probe's, is the backend's, not the record's.
                 if closed_before and not opened:
@@ -627,7 +627,8 @@ class Processor(Generic[M]):
                 return granted
             if self._stop.is_set():
                 return None
-            await asyncio.sleep(min(max(self.breaker.retry_in(), 0.05), 0.5))
+            due = self.breaker.retry_in()  # 0 while another record is the probe
+            await asyncio.sleep(min(due, 0.5) if due > 0 else 0.2)
 
     def _breaker_changed(self, state: State, reason: str) -> None:
         # Called by the breaker under its lock: only reads its plain attributes.
