@@ -91,3 +91,7 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
     assert first["train_groups"] == 6 and first["eval_reward_mean"] is not None
     assert last["policy_version"] == 1 and last["eval_reward_mean"] is not None
     assert first["train_metrics"]
+    trainer_log = (runner.run_dir / "onpolicy" / "trainer.log").read_text()
+    before, after = trainer_log.split("--- onpolicy run: trainer exited with -9")
+    assert "DPO round on" not in before  # killed mid-round (a CPU round takes well over 2 s)
+    assert after.count("DPO round on") == 1 and "published policy-v1" in after
