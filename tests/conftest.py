@@ -86,8 +86,8 @@ def vllm(stack_settings, model_dir: Path):
     from onpolicy.stack import VllmServer
 
     server = VllmServer(stack_settings, model_dir)
-    server.start()
     try:
+        server.start()  # a start that times out must not leave the server running
         yield server
     finally:
         server.stop()

@@ -215,6 +215,18 @@ def build() -> dict[str, Any]:
             for svc in SERVICES
         ],
     )
+    d.panel(
+        "Backend paused and circuit breaker",
+        [
+            (f"max by (reason) (onpolicy_{svc}_paused)", f"{svc} paused {{{{reason}}}}")
+            for svc in SERVICES
+        ]
+        + [(f"max(onpolicy_{svc}_circuit_state)", f"{svc} circuit") for svc in SERVICES],
+        description="paused 1: consumption stopped because the backend refuses requests as "
+        "configured (reason config: a rejected API key, an unknown model) or failed every "
+        "request lately (circuit_open); nothing is dead-lettered meanwhile. circuit: 0 closed, "
+        "1 half-open (one record probes), 2 open.",
+    )
 
     d.row("Sampler and vLLM")
     d.panel(

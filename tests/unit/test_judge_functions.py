@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 import types
 
 import pytest
@@ -67,8 +68,30 @@ def test_exact_match_and_regex_against_the_reference_answer():
     assert functions.regex(comp("YES"), p, pattern="^yes$") == 1.0
     with pytest.raises(InvalidRecord, match="reference_answer"):
         functions.exact_match(comp("4"), m.Prompt(text="2+2?"))
-    with pytest.raises(InvalidRecord, match="invalid pattern"):
+    with pytest.raises(InvalidRecord, match="is invalid or not supported"):
         functions.regex(comp("4"), p, pattern="(")
+
+
+def test_regex_is_linear_time_on_a_catastrophic_backtracking_pattern():
+    # Python's re takes exponential time here (2**40 ways to split the a's before failing).
+    evil = m.Prompt(text="x", reference_answer="(a+)+$")
+    started = time.perf_counter()
+    assert functions.regex(comp("a" * 40 + "b"), evil) == 0.0
+    assert functions.regex(comp("a" * 100_000 + "b"), evil) == 0.0
+    assert functions.regex(comp("b" + "a" * 40), evil) == 1.0
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", r"(?<=a)b", r"a(?!b)", "x" * 5000])
+def test_regex_patterns_re2_cannot_run_are_invalid_records(pattern):
+    with pytest.raises(InvalidRecord, match="regex scorer"):
+        functions.regex(comp("aab"), m.Prompt(text="x", reference_answer=pattern))
+
+
+def test_regex_case_sensitivity_is_an_option():
+    p = m.Prompt(text="x", reference_answer="^Yes")
+    assert functions.regex(comp("yes, indeed"), p) == 1.0
+    assert functions.regex(comp("yes, indeed"), p, ignore_case=False) == 0.0
 
 
 def user_scorer(completion: m.Completion, prompt: m.Prompt, *, bonus: float = 0.0) -> float:

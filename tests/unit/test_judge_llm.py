@@ -15,10 +15,12 @@ import httpx
 import pytest
 
 from onpolicy import messages as m
-from onpolicy.bus import TransientError
+from onpolicy.bus import ConfigurationError, TransientError
 from onpolicy_judge.llm import (
     JudgeApiError,
     JudgeParseError,
+    JudgeRejected,
+    JudgeUnavailable,
     LlmBackend,
     ParseFailure,
     parse_ratings,
@@ -153,9 +155,68 @@ def test_5xx_backs_off_exponentially_then_raises_with_status():
 
 def test_4xx_is_not_retried():
     b, sleep, _ = backend(lambda r: httpx.Response(400, text="prompt too long"))
-    with pytest.raises(JudgeApiError, match="400"):
+    with pytest.raises(JudgeApiError, match="400") as info:
         asyncio.run(b.score(group()))
     assert sleep.delays == []
+    # This group's request was bad: neither the backend's fault nor a configuration error.
+    assert not isinstance(info.value, TransientError | ConfigurationError)
+
+
+def test_5xx_after_every_retry_looks_transient():
+    b, _, _ = backend(lambda r: httpx.Response(500, text="internal error"), max_retries=1)
+    with pytest.raises(JudgeUnavailable, match="HTTP 500") as info:
+        asyncio.run(b.score(group()))
+    assert isinstance(info.value, TransientError)
+    assert not isinstance(info.value, ConfigurationError)
+
+
+@pytest.mark.parametrize(
+    ("status", "says"),
+    [
+        (401, "API key was rejected"),
+        (403, "may not use this model"),
+        (404, "no such model or endpoint (llm.model 'judge-x'"),
+    ],
+)
+def test_401_403_404_are_configuration_errors_not_retried(status, says):
+    body = {"error": {"message": f"denied for {TOKEN}", "code": status}}
+    b, sleep, metrics = backend(lambda r: httpx.Response(status, json=body), model="judge-x")
+    with pytest.raises(JudgeRejected, match=re.escape(says)) as info:
+        asyncio.run(b.score(group()))
+    assert isinstance(info.value, ConfigurationError) and info.value.status == status
+    assert not isinstance(info.value, TransientError)
+    assert TOKEN not in str(info.value) and "denied for ***" in str(info.value)
+    assert sleep.delays == []  # every request would fail alike: no point retrying here
+    assert (
+        metrics.metrics.registry.get_sample_value(
+            "onpolicy_judge_api_errors_total", {"status": str(status)}
+        )
+        == 1
+    )
+
+
+def test_a_rotated_key_file_is_read_again_after_a_401(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("old-key\n")
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") == "Bearer old-key":
+            return httpx.Response(401, json={"error": "expired"})
+        return grade_by_text(request)
+
+    settings = LlmJudgeSettings(base_url="https://judge.example/v1", api_key_file=secret)
+    b = LlmBackend(settings, JudgeMetrics(), httpx.MockTransport(handler), Recorder())
+
+    async def twice():
+        with pytest.raises(JudgeRejected):
+            await b.score(group())
+        secret.write_text("new-key\n")  # the mounted Secret was updated
+        return await b.score(group())
+
+    assert asyncio.run(twice()).scores == [1.0, 2.0, 3.0]
+    assert seen == ["Bearer old-key", "Bearer new-key"]
 
 
 def test_unreachable_endpoint_is_transient():

@@ -245,6 +245,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return 1
     print_rounds(report)
+    for r in report.get("restarts", []):
+        console.print(
+            f"restarted {r['lineage']} {r['service']}: it exited with {r['exit_code']} at "
+            f"{r['exited_at']} after {r['uptime_s']:.0f}s",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
     console.print(
         f"report: {runner.run_dir / 'report.json'}, plot: {runner.run_dir / 'report.png'}"
         f", pairs: {runner.run_dir / 'pairs.parquet'}"

@@ -1,6 +1,8 @@
 """The Kafka bus: one producer, one stream processor, topic creation and a topic reader."""
 
+from onpolicy.bus.breaker import CircuitBreaker
 from onpolicy.bus.processor import (
+    ConfigurationError,
     Output,
     Processor,
     ProcessorConfig,
@@ -12,6 +14,8 @@ from onpolicy.bus.reader import read_topic
 from onpolicy.bus.topics import ensure_topics
 
 __all__ = [
+    "CircuitBreaker",
+    "ConfigurationError",
     "Output",
     "Processor",
     "ProcessorConfig",

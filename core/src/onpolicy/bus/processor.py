@@ -8,8 +8,21 @@ Guarantees (at-least-once, nothing lost):
   thread keeps polling while they run (partitions are paused while the window is full), so a
   handler slower than ``max.poll.interval.ms`` never makes the consumer leave its group.
 - A record that cannot be decoded or is invalid goes to the dead-letter topic with the reason;
-  other failures are retried with backoff, then dead-lettered; a :class:`TransientError`
-  (a backend that is down) is retried until it recovers, committing nothing meanwhile.
+  other failures are retried with backoff, then dead-lettered (``max_attempts``); a
+  :class:`TransientError` (a backend that is down, overloaded) is retried longer, up to
+  ``max_transient_attempts`` failures: a record that keeps failing while the backend serves
+  other records is a poison record and is dead-lettered (kind ``poison``) with the reason.
+- A circuit breaker (:mod:`onpolicy.bus.breaker`) guards the backend: ``breaker_failures``
+  consecutive transient failures (any record) open it, and so does one
+  :class:`ConfigurationError` (the backend refuses every request: a rejected API key, a model
+  that does not exist). While it is open, no record is attempted, none is dead-lettered or
+  committed, consumption is paused and the service is not ready (``/readyz``); after a
+  cool-down (``breaker_reset_s``, doubling up to ``breaker_max_reset_s`` while probes fail) one
+  waiting record is tried as a probe, and its success closes the breaker and resumes
+  consumption. Failures while the breaker is open, or that open it, do not count against a
+  record's attempts: an outage dead-letters nothing. (A record failing while nothing else is
+  in flight cannot be told from an outage: it opens the breaker and is held, not ready, until
+  the backend takes it or an operator acts.)
 - Duplicates (same record id, i.e. same Kafka key) seen recently are dropped and counted;
   a record fetched again while its first delivery is still being handled (the member was
   evicted and rejoined) waits for that one rather than being handled twice.
@@ -43,6 +56,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from onpolicy import ids
 from onpolicy.bus import _kafka_fixes  # noqa: F401  (kafka-python's group join; see there)
+from onpolicy.bus.breaker import CircuitBreaker, State
 from onpolicy.bus.producer import Producer
 from onpolicy.messages import DeadLetter, validate
 from onpolicy.serde import RecordError, decode
@@ -55,7 +69,13 @@ M = TypeVar("M", bound=Message)
 
 
 class TransientError(Exception):
-    """A backend is unavailable: retry the record until it recovers; never dead-letter it."""
+    """A backend is unavailable or overloaded: retry the record (bounded by
+    ``max_transient_attempts`` while the backend serves other records)."""
+
+
+class ConfigurationError(Exception):
+    """The backend refuses every request as configured (credentials, model name, URL):
+    pause consumption and report not ready until a probe succeeds; never dead-letter."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,12 @@ class ProcessorConfig:
     group_id: str
     concurrency: int = 1
     max_attempts: int = 3
+    # Failures of one record that look transient, counted only while the breaker is closed
+    # (other records get through): the bound after which it is dead-lettered as poison.
+    max_transient_attempts: int = 20
+    breaker_failures: int = 5  # consecutive transient failures that open the circuit breaker
+    breaker_reset_s: float = 5.0  # cool-down before the first probe
+    breaker_max_reset_s: float = 30.0  # the cool-down doubles up to this while probes fail
     retry_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     drain_timeout_s: float = 30.0
@@ -171,6 +197,10 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.processor._on_assigned(list(assigned))
 
 
+def _pause_reason(breaker_reason: str) -> str:
+    return "config" if breaker_reason == "config" else "circuit_open"
+
+
 class Processor(Generic[M]):
     """Runs ``handler`` over every record of ``source``; see the module docstring."""
 
@@ -210,8 +240,15 @@ class Processor(Generic[M]):
         )
         self._consumer: KafkaConsumer | None = None
         self.kafka_connected = False
-        self.backend_ok = True
+        self._backend_ok = True
         self.revocations = 0
+        self._circuit_was = State.CLOSED
+        self.breaker = CircuitBreaker(
+            config.breaker_failures,
+            config.breaker_reset_s,
+            config.breaker_max_reset_s,
+            on_change=self._breaker_changed,
+        )
 
         self.m_consumed = metrics.counter("records_consumed_total", "Records consumed", ("topic",))
         self.m_produced = metrics.counter("records_produced_total", "Records produced", ("topic",))
@@ -231,13 +268,36 @@ class Processor(Generic[M]):
         self.m_lag = metrics.gauge(
             "consumer_lag", "Records behind the end of the partition", ("topic", "partition")
         )
+        self.m_paused = metrics.gauge(
+            "paused",
+            "1 while consumption is paused by the backend: config (it refuses requests as "
+            "configured) or circuit_open (it failed every request lately)",
+            ("topic", "reason"),
+        )
+        self.m_circuit = metrics.gauge(
+            "circuit_state", "Backend circuit breaker: 0 closed, 1 half-open, 2 open", ("topic",)
+        )
+        self.m_circuit_opened = metrics.counter(
+            "circuit_opened_total", "Times the circuit breaker opened", ("topic", "reason")
+        )
+        self.m_poison = metrics.counter(
+            "poison_dead_lettered_total",
+            "Records dead-lettered after max_transient_attempts failures that looked transient",
+            ("topic",),
+        )
         # Export the labelled series at zero from the start: dashboards and alerts then see
         # "none yet" instead of "no data".
         self.m_dupes.labels(source)
         self.m_produced.labels(dead_letter_topic)
-        for kind in ("decode", "invalid", "processing", "too_large"):
+        for kind in ("decode", "invalid", "processing", "too_large", "poison"):
             self.m_dead.labels(source, kind)
         self.m_retries.labels(source, "transient")
+        self.m_retries.labels(source, "configuration")
+        for reason in ("config", "circuit_open"):
+            self.m_paused.labels(source, reason).set(0)
+            self.m_circuit_opened.labels(source, reason)
+        self.m_circuit.labels(source).set(int(State.CLOSED))
+        self.m_poison.labels(source)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, install_signal_handlers: bool = True) -> None:
@@ -264,7 +324,9 @@ class Processor(Generic[M]):
                 self._slot_freed.clear()
                 free = self.config.concurrency - self._offsets.in_flight()
                 full = free <= 0
-                self._pause_if(consumer, full=full)
+                # An open breaker fetches nothing new either: what is in flight waits for the
+                # probe, and what is behind it stays in Kafka, uncommitted.
+                self._pause_if(consumer, full=full or not self.breaker.closed)
                 # A full window fetches nothing (paused): poll without waiting, for the
                 # group's upkeep, then sleep until a record finishes (below).
                 wait_ms = 0 if full else int(self.config.poll_timeout_s * 1000)
@@ -310,6 +372,20 @@ class Processor(Generic[M]):
             return not consumer._coordinator.coordinator_unknown()
         except AttributeError:  # another kafka-python layout: fall back to the public probe
             return consumer.bootstrap_connected()
+
+    @property
+    def backend_ok(self) -> bool:
+        """The backend answered lately and the circuit breaker is closed (not paused)."""
+        return self._backend_ok and self.breaker.closed
+
+    @backend_ok.setter
+    def backend_ok(self, value: bool) -> None:
+        self._backend_ok = value
+
+    @property
+    def paused_reason(self) -> str | None:
+        """Why consumption is paused by the backend (config, circuit_open), or None."""
+        return None if self.breaker.closed else _pause_reason(self.breaker.reason)
 
     @property
     def ready(self) -> bool:
@@ -471,9 +547,13 @@ class Processor(Generic[M]):
     async def _handle(self, raw: object, message: M, record_key: str) -> bool:
         """Run the handler with retries; True once its outputs (or dead letter) are acked."""
         topic, partition, offset = raw.topic, raw.partition, raw.offset  # type: ignore[attr-defined]
-        attempt = 0
+        attempt = failures = transient_failures = 0  # failures: counted ones (breaker closed)
         backoff = self.config.retry_backoff_s
         while True:
+            granted = await self._permit()
+            if granted is None:
+                return False  # stopping while the breaker holds it: leave it uncommitted
+            probe = granted is State.HALF_OPEN
             attempt += 1
             record = Record(
                 message,
@@ -497,20 +577,57 @@ class Processor(Generic[M]):
                     self.m_produced.labels(out.topic).inc()
                 break
             except RecordError as exc:
+                self.breaker.success()  # the backend answered; this record is at fault
                 return await self._dead_letter(raw, exc.kind, str(exc), attempt)
             except asyncio.CancelledError:
+                if probe:
+                    self.breaker.release()
                 raise
+            except ConfigurationError as exc:
+                # Every record would fail alike: hold this one (not counted, not dead-lettered)
+                # and pause until a probe gets through.
+                self.m_retries.labels(topic, "configuration").inc()
+                self.breaker.trip("config", str(exc))
+                if self._stop.is_set():
+                    return False
+                continue
             except Exception as exc:
                 transient = isinstance(exc, TransientError | ConnectionError | TimeoutError)
                 kind = "transient" if transient else type(exc).__name__
                 self.m_retries.labels(topic, kind).inc()
                 if transient:
                     self.backend_ok = False
-                elif attempt >= self.config.max_attempts:
-                    log.exception("giving up on %s after %d attempts", record_key, attempt)
-                    return await self._dead_letter(raw, "processing", repr(exc), attempt)
+                closed_before = self.breaker.closed and not probe
+                # The breaker counts what says the backend is down or overloaded; other errors
+                # (a bad request, a bug, a failed training round) are this record's: the
+                # backend answered. They are retried and bounded by max_attempts as before.
+                opened = False
+                if transient:
+                    opened = self.breaker.failure(f"{type(exc).__name__}: {exc}")
+                else:
+                    self.breaker.success()
+                # Counted against this record only while others get through: a failure that
+                # opens the breaker, or a probe's, is the backend's, not the record's.
+                if closed_before and not opened:
+                    failures += 1
+                    transient_failures += transient
+                    if transient and transient_failures >= self.config.max_transient_attempts:
+                        self.m_poison.labels(topic).inc()
+                        reason = (
+                            f"poison record: {transient_failures} failures that looked "
+                            f"transient while the backend served other records "
+                            f"(max_transient_attempts={self.config.max_transient_attempts}); "
+                            f"last: {exc!r}"
+                        )
+                        log.error("giving up on %s: %s", record_key, reason)
+                        return await self._dead_letter(raw, "poison", reason, attempt)
+                    if not transient and failures - transient_failures >= self.config.max_attempts:
+                        log.exception("giving up on %s after %d attempts", record_key, attempt)
+                        return await self._dead_letter(raw, "processing", repr(exc), attempt)
                 if self._stop.is_set():
                     return False  # leave it uncommitted for the next owner
+                if not self.breaker.closed:
+                    continue  # the breaker's cool-down paces the next try
                 log.warning(
                     "attempt %d for %s failed (%s); retrying in %.1fs",
                     attempt,
@@ -520,9 +637,66 @@ class Processor(Generic[M]):
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff_s)
+        self.breaker.success()
         self.backend_ok = True
         self._remember(record_key)
         return True
+
+    async def _permit(self) -> State | None:
+        """Wait for the breaker to let an attempt through: CLOSED (a normal attempt),
+        HALF_OPEN (this attempt is the probe), or None when stopping meanwhile."""
+        while True:
+            granted = self.breaker.permit()
+            if granted is not None:
+                return granted
+            if self._stop.is_set():
+                return None
+            due = self.breaker.retry_in()  # 0 while another record is the probe
+            await asyncio.sleep(min(due, 0.5) if due > 0 else 0.2)
+
+    def _breaker_changed(self, state: State, reason: str) -> None:
+        # Called by the breaker under its lock: only reads its plain attributes.
+        was, self._circuit_was = self._circuit_was, state
+        source, breaker = self.source, self.breaker
+        self.m_circuit.labels(source).set(int(state))
+        paused = None if state is State.CLOSED else _pause_reason(reason)
+        for name in ("config", "circuit_open"):
+            self.m_paused.labels(source, name).set(1 if name == paused else 0)
+        if state is State.OPEN and was is State.CLOSED:
+            self.m_circuit_opened.labels(source, paused).inc()
+            if paused == "config":
+                log.error(
+                    "%s: the backend refuses requests as configured (configuration or "
+                    "authorization error): %s. Consumption paused, service not ready, "
+                    "nothing dead-lettered; a record is retried as a probe in %.0fs (then less "
+                    "often) and consumption resumes when one succeeds. Fix the setting (API "
+                    "key, model name, URL) or restart the service with a corrected one.",
+                    source,
+                    breaker.last_error,
+                    breaker.cooldown_s,
+                )
+            else:
+                log.error(
+                    "%s: circuit breaker open after %d consecutive failures (last: %s). "
+                    "Consumption paused, service not ready, nothing dead-lettered; probing "
+                    "the backend with one record in %.0fs.",
+                    source,
+                    breaker.failure_threshold,
+                    breaker.last_error,
+                    breaker.cooldown_s,
+                )
+        elif state is State.OPEN:  # a probe failed
+            log.warning(
+                "%s: probe failed (%s); backend still paused (%s), next probe in %.0fs",
+                source,
+                breaker.last_error,
+                paused,
+                breaker.cooldown_s,
+            )
+        elif state is State.HALF_OPEN:
+            log.info("%s: probing the backend with one record", source)
+        elif was is not State.CLOSED:
+            log.warning("%s: the backend answered the probe; consumption resumes", source)
 
     def _remember(self, key: str) -> None:
         self._seen[key] = None

@@ -19,9 +19,10 @@ import yaml
 
 from onpolicy import messages as m
 from onpolicy.bus import Producer, ensure_topics
-from onpolicy.run.procs import ServiceProcess, wait_for
+from onpolicy.run.procs import RestartPolicy, ServiceProcess, wait_for
 from onpolicy.run.settings import RunSettings
 from onpolicy.run.tail import TopicTail
+from onpolicy.secrets import split_secrets, write_private
 from onpolicy.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
@@ -147,18 +148,32 @@ class Lineage:
                 **settings.trainer,
             },
         }
+        # Secrets (the SASL password, API keys) never reach the file: the services get them
+        # as environment variables, which they read before the YAML file.
+        secret_env: dict[str, str] = {}
         kafka_cfg = config["kafka"]
-        if "sasl_password" in kafka_cfg:  # model_dump masks secrets; the services need them
-            kafka_cfg["sasl_password"] = kafka.sasl_password.get_secret_value()  # type: ignore[union-attr]
+        if kafka.sasl_password is not None:  # model_dump masks it; the services need it
+            kafka_cfg["sasl_password"] = kafka.sasl_password.get_secret_value()
+        config["kafka"], found = split_secrets(kafka_cfg, "ONPOLICY_KAFKA__")
+        secret_env |= found
+        for svc in ("sampler", "judge", "trainer"):
+            config[svc], found = split_secrets(config[svc], f"ONPOLICY_{svc.upper()}_")
+            secret_env |= found
         self.config_file = self.dir / "config.yaml"
-        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_private(self.config_file, yaml.safe_dump(config, sort_keys=False))
         env = {
             "ONPOLICY_CONFIG": str(self.config_file),
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **secret_env,
         }
+        policy = RestartPolicy(
+            max_restarts=settings.max_restarts,
+            backoff_s=settings.restart_backoff_s,
+            max_backoff_s=settings.restart_max_backoff_s,
+        )
         self.services = {
-            svc: ServiceProcess(svc, self.dir / f"{svc}.log", dict(env))
+            svc: ServiceProcess(svc, self.dir / f"{svc}.log", dict(env), policy=policy)
             for svc in ("sampler", "judge", "trainer")
         }
 
@@ -328,6 +343,23 @@ class Lineage:
         def until(check: Callable[[], bool], what: str) -> None:
             self.wait(lambda: (watch_ahead() or True) and check(), what)
 
+        triggered_on = -1  # the trainer process (its restart count) the round was triggered on
+
+        def trigger() -> bool:
+            """Trigger the round once the trainer holds its pairs; again on a trainer that
+            restarted since (it lost the round; Kafka redelivers the uncommitted pairs)."""
+            nonlocal triggered_on
+            if triggered_on == len(trainer.restarts):
+                return True
+            if self.trainer_state()["buffered_pairs"] < expected:
+                return False
+            # Exactly this round's pairs: later ones (overlap mode, off-policy) stay buffered.
+            response = trainer.post(f"/rounds/trigger?max_pairs={expected}")
+            if response.status_code >= 400:
+                raise RuntimeError(f"trainer refused the round: {response.text}")
+            triggered_on = len(trainer.restarts)
+            return True
+
         self.status(
             f"[{self.name}] round {record.round}: waiting for the trainer to buffer "
             f"{expected} pairs"
@@ -338,15 +370,15 @@ class Lineage:
         )
         started = time.monotonic()
         target = record.policy_version + 1
-        # Exactly this round's pairs: later ones (overlap mode, off-policy) stay buffered.
-        response = trainer.post(f"/rounds/trigger?max_pairs={expected}")
-        if response.status_code >= 400:
-            raise RuntimeError(f"trainer refused the round: {response.text}")
+        until(trigger, f"the trainer to take the round of {expected} pairs")
         self.status(f"[{self.name}] round {record.round}: DPO on {expected} pairs -> v{target}")
 
         def published() -> bool:
             self.policy.refresh(timeout_ms=200)
-            return any(u.version == target for u in self.policy.records)
+            if any(u.version == target for u in self.policy.records):
+                return True
+            trigger()  # no-op unless the trainer restarted since
+            return False
 
         until(published, f"policy v{target}")
         record.training_s = time.monotonic() - started
@@ -366,3 +398,12 @@ class Lineage:
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rounds]
+
+    def restarts(self) -> list[dict[str, Any]]:
+        """Every restart of this lineage's services, in the order they happened."""
+        out = [
+            {"lineage": self.name, **asdict(r)}
+            for service in self.services.values()
+            for r in service.restarts
+        ]
+        return sorted(out, key=lambda r: r["exited_at"])

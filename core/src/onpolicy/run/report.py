@@ -96,6 +96,8 @@ def write_report(
         "loop_s": None if loop_s is None else round(loop_s, 1),
         "rounds": rounds,
         "lineages": per_lineage,
+        # Each crash of a service that was restarted: lineage, service, exit code, when.
+        "restarts": [r for lin in lineages if hasattr(lin, "restarts") for r in lin.restarts()],
     }
     if settings.max_staleness > 0:
         # Sampling pulled forward into training time: what strict mode would have waited for.

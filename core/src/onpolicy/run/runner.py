@@ -24,6 +24,7 @@ from onpolicy.run.lineage import Ahead, Lineage, RoundRecord, tagged
 from onpolicy.run.prompts import PromptSource, demo_prompts, load_prompts
 from onpolicy.run.report import write_report
 from onpolicy.run.settings import RunSettings
+from onpolicy.secrets import redact, write_private
 from onpolicy.stack import KafkaBroker, StackSettings, VllmServer, ensure_default_model
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ class Runner:
             settings.prompt_epochs,
         )
         self.evaluation = self.eval_source.prompts[: settings.eval_size]
+
+    def _write_settings(self) -> None:
+        """``settings.json``: the run's settings, secrets redacted, readable by the owner only."""
+        settings = redact(self.settings.model_dump(mode="json"))
+        write_private(self.run_dir / "settings.json", json.dumps(settings, indent=2) + "\n")
 
     def _link_latest(self) -> None:
         latest = self.settings.runs_dir / "latest"
@@ -209,7 +215,7 @@ class Runner:
         s = self.settings
         self.run_dir.mkdir(parents=True, exist_ok=False)
         self._link_latest()
-        (self.run_dir / "settings.json").write_text(s.model_dump_json(indent=2))
+        self._write_settings()
         started = time.monotonic()
         lineages: list[Lineage] = []
         interrupted = False

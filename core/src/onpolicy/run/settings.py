@@ -43,6 +43,13 @@ class RunSettings(ServiceSettings):
     runs_dir: Path = Field(Path("runs"), description="run folders are made here")
     run_id: str | None = Field(None, description="default: a timestamp")
     stage_timeout_s: float = Field(1800.0, gt=0, description="longest wait for one stage")
+    max_restarts: int = Field(
+        5, ge=0, description="restarts of a crashed service before the run fails (per service)"
+    )
+    restart_backoff_s: float = Field(
+        1.0, ge=0, description="wait before restarting a crashed service (doubles per crash)"
+    )
+    restart_max_backoff_s: float = Field(30.0, ge=0, description="longest wait before a restart")
     external_stack: bool = Field(
         False, description="use the running Kafka and vLLM (kafka.* and vllm_url) as they are"
     )

@@ -11,12 +11,15 @@ it can learn in a few rounds.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2
 
 from onpolicy import ids
 from onpolicy import messages as m
@@ -117,6 +120,36 @@ def exact_match(
     return 1.0 if (reference in answer if contains else reference == answer) else 0.0
 
 
+# Patterns come with records (``reference_answer``) and run on the judge's event loop, so
+# they go to RE2, which matches in time linear in the text whatever the pattern: no pattern can
+# backtrack catastrophically. RE2 refuses what needs backtracking (backreferences,
+# lookaround); such a pattern is an invalid record, never run by another engine.
+# Unlike Python's re, ``$`` matches only at the very end (no trailing-newline special case).
+MAX_PATTERN_CHARS = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def compile_pattern(source: str, ignore_case: bool = True) -> Any:
+    """``source`` compiled by RE2; InvalidRecord when RE2 cannot run it in linear time."""
+    if len(source) > MAX_PATTERN_CHARS:
+        raise InvalidRecord(
+            f"regex scorer: pattern of {len(source)} characters (at most {MAX_PATTERN_CHARS})"
+        )
+    options = re2.Options()
+    options.case_sensitive = not ignore_case
+    options.log_errors = False  # the reason goes into the dead letter, not to stderr
+    try:
+        return re2.compile(source, options)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise InvalidRecord(
+            f"regex scorer: pattern {source[:200]!r} is invalid or not supported by the "
+            f"linear-time engine RE2 (no backreferences or lookaround): {reason}"
+        ) from exc
+
+
 def regex(
     completion: m.Completion,
     prompt: m.Prompt | None = None,
@@ -124,12 +157,13 @@ def regex(
     pattern: str | None = None,
     ignore_case: bool = True,
 ) -> float:
-    """1 when ``pattern`` (default: the prompt's reference_answer) matches the answer."""
+    """1 when ``pattern`` (default: the prompt's reference_answer) matches the answer.
+
+    Matching uses RE2 (linear time): a pattern RE2 cannot run (backreferences, lookaround)
+    or a malformed one makes the record invalid (dead-lettered with the reason).
+    """
     source = pattern if pattern is not None else _reference(prompt, "regex")
-    try:
-        compiled = re.compile(source, re.IGNORECASE if ignore_case else 0)
-    except re.error as exc:
-        raise InvalidRecord(f"regex scorer: invalid pattern {source!r}: {exc}") from exc
+    compiled = compile_pattern(source, ignore_case)
     return 1.0 if compiled.search(completion.text) else 0.0
 
 

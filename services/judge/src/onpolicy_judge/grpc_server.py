@@ -11,7 +11,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from onpolicy.bus import TransientError
+from onpolicy.bus import ConfigurationError, TransientError
 from onpolicy.serde import RecordError
 from onpolicy.v1 import judge_pb2, judge_pb2_grpc
 from onpolicy_judge.judge import Judge
@@ -35,6 +35,8 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.kind}: {exc}")
         except TransientError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ConfigurationError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except Exception as exc:
             log.exception("Score failed")
             await context.abort(grpc.StatusCode.INTERNAL, repr(exc))

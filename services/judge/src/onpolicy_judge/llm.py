@@ -3,11 +3,23 @@
 One request per group shows the instruction and every response (in a shuffled order, mapped
 back afterwards, against position bias) and asks for a 1-5 score and a short rationale per
 response as JSON, UltraFeedback style. Answers that cannot be parsed are asked again (with a
-new order), then the group is dead-lettered (:class:`JudgeParseError`). HTTP 429 and 5xx are
-retried with exponential backoff honouring ``Retry-After``; a request that keeps failing
-raises :class:`JudgeApiError` (the processor retries, then dead-letters), as do timeouts; a
-server that cannot be reached raises ``TransientError`` (retried until it is back, nothing
-dead-lettered).
+new order), then the group is dead-lettered (:class:`JudgeParseError`).
+
+HTTP errors, by what operators expect of each:
+
+- 401, 403, 404 (a rejected or expired API key, no access to the model, a wrong model name or
+  base URL): every group would fail alike, so :class:`JudgeRejected` (a ``ConfigurationError``)
+  makes the processor pause consumption and report not ready, nothing dead-lettered; a group
+  is retried as a probe now and then, and consumption resumes when it gets through (with
+  ``api_key_file``, the file is read again after a rejection: a rotated Secret is picked up).
+- 429 and 5xx are retried here with exponential backoff honouring ``Retry-After``; a request
+  that keeps failing raises :class:`JudgeUnavailable` (a ``TransientError``): retried by the
+  processor, whose circuit breaker stops calling a server failing every request, and a group
+  failing alone is dead-lettered after ``max_transient_attempts``.
+- Other 4xx (400: this group's request is bad) and timeouts raise :class:`JudgeApiError`:
+  retried, then dead-lettered (``max_attempts``).
+- A server that cannot be reached raises ``TransientError`` (retried; the breaker opens).
+
 The API token comes from the settings, a secret file or the environment and is never logged.
 """
 
@@ -29,7 +41,7 @@ import httpx
 
 from onpolicy import ids
 from onpolicy import messages as m
-from onpolicy.bus import TransientError
+from onpolicy.bus import ConfigurationError, TransientError
 from onpolicy.serde import RecordError
 from onpolicy_judge.chat import instruction_text
 from onpolicy_judge.judge import BackendScores
@@ -54,6 +66,22 @@ class JudgeApiError(Exception):
         # status 0: no HTTP answer (timeout, connection cut mid-request)
         super().__init__(f"judge endpoint returned HTTP {status}: {message}" if status else message)
         self.status = status
+
+
+class JudgeUnavailable(JudgeApiError, TransientError):
+    """429 or 5xx after every HTTP retry: the server is overloaded or failing."""
+
+
+class JudgeRejected(JudgeApiError, ConfigurationError):
+    """401, 403 or 404: the endpoint refuses requests as configured (key, model, URL)."""
+
+
+_REJECTED_HINTS = {
+    401: "the API key was rejected (missing, expired or wrong: llm.api_key, llm.api_key_file "
+    "or the variable llm.api_key_env names)",
+    403: "the API key may not use this model or endpoint",
+    404: "no such model or endpoint (llm.model {model!r}, llm.base_url {base_url!r})",
+}
 
 
 class ParseFailure(ValueError):
@@ -212,6 +240,7 @@ class LlmBackend:
         self._transport = transport
         self._sleep = sleep
         self._token = resolve_api_key(settings)
+        self._token_stale = False  # after a 401/403: read api_key_file again before a request
         self._client: httpx.AsyncClient | None = None
         self._limit: asyncio.Semaphore | None = None
         self.template = settings.template or DEFAULT_LLM_TEMPLATE
@@ -225,15 +254,22 @@ class LlmBackend:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
             self._client = httpx.AsyncClient(
                 base_url=self.settings.base_url,
-                headers=headers,
                 timeout=self.settings.timeout_s,
                 transport=self._transport,
             )
             self._limit = asyncio.Semaphore(self.settings.concurrency)
         return self._client
+
+    def _auth(self) -> dict[str, str]:
+        if self._token_stale:
+            self._token_stale = False
+            try:
+                self._token = resolve_api_key(self.settings)
+            except OSError as exc:
+                log.warning("cannot read llm.api_key_file again: %s", exc)
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
@@ -294,7 +330,9 @@ class LlmBackend:
             for attempt in range(s.max_retries + 1):
                 last_try = attempt == s.max_retries
                 try:
-                    response = await client.post("chat/completions", json=body)
+                    response = await client.post(
+                        "chat/completions", json=body, headers=self._auth()
+                    )
                 except httpx.TransportError as exc:
                     self.metrics.api_errors.labels("network").inc()
                     if last_try:
@@ -311,8 +349,15 @@ class LlmBackend:
                         return self._content(response)
                     self.metrics.api_errors.labels(str(status)).inc()
                     detail = self._redact(response.text[:300])
-                    if (status != 429 and status < 500) or last_try:
+                    if status in _REJECTED_HINTS:
+                        if status in (401, 403) and s.api_key_file is not None:
+                            self._token_stale = True
+                        hint = _REJECTED_HINTS[status].format(model=s.model, base_url=s.base_url)
+                        raise JudgeRejected(status, f"{hint}; the endpoint said: {detail}")
+                    if status != 429 and status < 500:
                         raise JudgeApiError(status, detail)
+                    if last_try:
+                        raise JudgeUnavailable(status, detail)
                     wait = retry_after(response)
                     if wait is None:
                         wait = delay * random.uniform(0.5, 1.0)  # jitter spreads the herd

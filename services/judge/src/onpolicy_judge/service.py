@@ -44,6 +44,12 @@ class JudgeProcessor(Processor[m.CompletionGroup]):
                 group_id=settings.group_id,
                 concurrency=settings.concurrency,
                 max_attempts=settings.max_attempts,
+                max_transient_attempts=settings.max_transient_attempts,
+                retry_backoff_s=settings.retry_backoff_s,
+                max_backoff_s=settings.max_backoff_s,
+                breaker_failures=settings.breaker_failures,
+                breaker_reset_s=settings.breaker_reset_s,
+                breaker_max_reset_s=settings.breaker_max_reset_s,
             ),
             metrics=metrics,
             dead_letter_topic=settings.topics.name("dlq"),
@@ -66,11 +72,18 @@ class JudgeProcessor(Processor[m.CompletionGroup]):
             self.runtime.stop()
 
 
-def build(settings: JudgeSettings, metrics: Metrics, server: ServiceServer) -> JudgeProcessor:
-    judge = build_judge(settings, JudgeMetrics(metrics))
+def build(
+    settings: JudgeSettings,
+    metrics: Metrics,
+    server: ServiceServer,
+    judge: Judge | None = None,
+) -> JudgeProcessor:
+    """The judge service; ``judge`` replaces the one the settings describe (tests, embedding)."""
+    judge = judge or build_judge(settings, JudgeMetrics(metrics))
     processor = JudgeProcessor(
         settings=settings, judge=judge, runtime=JudgeRuntime(), metrics=metrics
     )
+    # Not ready while the backend is down or refuses requests (consumption is paused then).
     server.add_check("judge", lambda: processor.backend_ok)
 
     def info() -> dict[str, object]:
@@ -79,6 +92,8 @@ def build(settings: JudgeSettings, metrics: Metrics, server: ServiceServer) -> J
             "backend": settings.backend,
             "pairs": settings.pairs.model_dump(),
             "grpc_port": processor.grpc.port if processor.grpc else None,
+            "paused": processor.paused_reason,
+            "circuit": processor.breaker.state.name.lower(),
         }
 
     server.app.add_api_route("/judge", info, methods=["GET"])

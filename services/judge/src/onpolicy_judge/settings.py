@@ -124,6 +124,21 @@ class JudgeSettings(ServiceSettings):
     group_id: str = Field("judge", description="Kafka consumer group")
     concurrency: int = Field(16, ge=1, description="groups in flight")
     max_attempts: int = Field(3, ge=1, description="tries of a failing group before dead letter")
+    max_transient_attempts: int = Field(
+        20,
+        ge=1,
+        description="failures that look transient (5xx, 429) of one group, while others get "
+        "through, before it is dead-lettered as poison",
+    )
+    retry_backoff_s: float = Field(0.5, ge=0, description="first delay between a group's tries")
+    max_backoff_s: float = Field(30.0, ge=0, description="longest delay between a group's tries")
+    breaker_failures: int = Field(
+        5, ge=1, description="consecutive transient failures that open the circuit breaker"
+    )
+    breaker_reset_s: float = Field(
+        5.0, gt=0, description="circuit breaker cool-down before a probe (doubles while failing)"
+    )
+    breaker_max_reset_s: float = Field(30.0, gt=0, description="longest breaker cool-down")
 
     functions: list[ScorerSpec] = Field(
         default_factory=lambda: [ScorerSpec(name="concise")],
