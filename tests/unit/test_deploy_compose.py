@@ -84,6 +84,7 @@ def test_vllm_serves_lora_and_the_sampler_finds_it(compose: dict[str, Any]) -> N
     for vllm in (gpu, cpu):
         args = [dc.interpolate(a) for a in vllm["command"]]
         assert "--enable-lora" in args and "--max-lora-rank=16" in args
+        assert "--max-lora-rank=${ONPOLICY_MAX_LORA_RANK:-16}" in vllm["command"]
         assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
         assert "checkpoints:/checkpoints:ro" in vllm["volumes"]
         served = next(a.split("=", 1)[1] for a in args if a.startswith("--served-model-name="))
@@ -125,3 +126,29 @@ def test_prometheus_scrapes_every_service_and_grafana_is_provisioned(
     assert mounts[str(dashboards)] == dc.DASHBOARD.parent
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert mounts[str(Path(home).parent)] / Path(home).name == dc.DASHBOARD
+
+
+@pytest.mark.parametrize("given", [None, "32"])
+def test_one_max_lora_rank_for_vllm_sampler_and_trainer(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    """ONPOLICY_MAX_LORA_RANK sets vLLM's --max-lora-rank and the sampler's and trainer's
+    max_lora_rank together; the trainer's lora_r fits under it."""
+    host = {"ONPOLICY_MAX_LORA_RANK": given} if given else {}
+    services = compose["services"]
+    for vllm in ("vllm", "vllm-cpu"):
+        args = [dc.interpolate(a, host) for a in services[vllm]["command"]]
+        [flag] = [a for a in args if a.startswith("--max-lora-rank")]
+        rank = int(flag.split("=", 1)[1])
+        assert rank == int(given or 16)
+    for name, service in SERVICES.items():
+        if service == "judge":
+            continue
+        env = {
+            k: dc.interpolate(str(v), host)
+            for k, v in services[name].get("environment", {}).items()
+        }
+        settings = load_service_settings(service, env, None, monkeypatch)
+        assert settings.max_lora_rank == rank, name
+        if service == "trainer":
+            assert settings.lora_r <= rank
