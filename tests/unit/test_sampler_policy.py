@@ -120,6 +120,7 @@ class FakeVllm:
         self.adapters: dict[str, str] = {}
         self.max_rank = max_rank
         self.down = False
+        self.healthy = True
         self.calls: list[str] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -127,6 +128,8 @@ class FakeVllm:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path
         self.calls.append(path)
+        if path == "/health":
+            return httpx.Response(200 if self.healthy else 503)
         if path == "/v1/models":
             data = [{"id": BASE, "root": BASE_ROOT, "parent": None}] + [
                 {"id": n, "root": p, "parent": BASE} for n, p in self.adapters.items()
@@ -144,7 +147,9 @@ class FakeVllm:
                 )
             config = json.loads(Path(where, "adapter_config.json").read_text())
             if config["r"] > self.max_rank:
-                return httpx.Response(400, json={"error": {"message": "LoRA rank too large"}})
+                # What vLLM 0.32 answers when its engine rejects an adapter.
+                message = f"LoRA rank {config['r']} is greater than max_lora_rank {self.max_rank}."
+                return httpx.Response(500, json={"error": {"message": message}})
             self.adapters[name] = where
             return httpx.Response(200, text="ok")
         if path == "/v1/unload_lora_adapter":
@@ -178,7 +183,11 @@ def test_refusal_is_permanent_and_vllm_down_is_transient(tmp_path: Path) -> None
     with pytest.raises(LoadFailure) as err:
         api.ensure("policy-v1-x", big)
     assert err.value.permanent and err.value.reason == "vllm_refused"
-    assert "LoRA rank too large" in str(err.value)
+    assert "greater than max_lora_rank 16" in str(err.value)
+    fake.healthy = False  # a 500 from a server that is not healthy: retry
+    with pytest.raises(LoadFailure) as err:
+        api.ensure("policy-v1-x", big)
+    assert not err.value.permanent and err.value.reason == "vllm_unavailable"
     fake.down = True
     with pytest.raises(LoadFailure) as err:
         api.ensure("policy-v1-x", big)

@@ -82,11 +82,16 @@ class SamplerService(Processor[Prompt]):
             self.tracker.stop()
 
 
-def build(settings: SamplerSettings, metrics: Metrics, server: ServiceServer) -> SamplerService:
-    service = SamplerService(settings, metrics)
+def add_checks(service: SamplerService, server: ServiceServer) -> None:
+    """The sampler's readiness checks and its /policy route on the service's HTTP server."""
     server.add_check("vllm", service.vllm_ok)
     # Caught up with the policy topic and serving its newest policy (not refused, not failing).
     server.add_check("policy", service.tracker.ready)
     server.add_check("backend", lambda: service.backend_ok)
     server.app.add_api_route("/policy", service.policy_view, methods=["GET"])
+
+
+def build(settings: SamplerSettings, metrics: Metrics, server: ServiceServer) -> SamplerService:
+    service = SamplerService(settings, metrics)
+    add_checks(service, server)
     return service

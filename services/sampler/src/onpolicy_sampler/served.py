@@ -37,17 +37,28 @@ class ServedModels:
     def __init__(self, http: httpx.Client):
         self.http = http
 
-    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def _call(
+        self, method: str, path: str, *, server_errors: bool = True, **kw: Any
+    ) -> httpx.Response:
+        """One request; unreachable, 429, 503 (and other 5xx unless ``server_errors`` is
+        False) are transient failures."""
         try:
             response = self.http.request(method, path, **kw)
         except httpx.HTTPError as exc:
             raise transient("vllm_unavailable", f"vLLM unreachable ({path}): {exc!r}") from exc
-        if response.status_code >= 500 or response.status_code == 429:
+        status = response.status_code
+        if status in (429, 503) or (server_errors and status >= 500):
             raise transient(
                 "vllm_unavailable",
                 f"vLLM answered {response.status_code} on {path}: {_detail(response)}",
             )
         return response
+
+    def healthy(self) -> bool:
+        try:
+            return self.http.get("/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def models(self) -> dict[str, dict[str, Any]]:
         """``/v1/models`` by id: the base model and every adapter, each with its ``root``."""
@@ -94,8 +105,25 @@ class ServedModels:
             self.unload(name)
             action = "reloaded"
         response = self._call(
-            "POST", "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+            "POST",
+            "/v1/load_lora_adapter",
+            server_errors=False,
+            json={"lora_name": name, "lora_path": path},
         )
+        if response.status_code >= 500:
+            # vLLM 0.32 answers 500 when its engine rejects the adapter (e.g. "LoRA rank 32 is
+            # greater than max_lora_rank 16"): the adapter's fault while the server is healthy.
+            if not self.healthy():
+                raise transient(
+                    "vllm_unavailable",
+                    f"loading {name} answered {response.status_code} and vLLM is not healthy: "
+                    f"{_detail(response)}",
+                )
+            raise permanent(
+                "vllm_refused",
+                f"vLLM refused adapter {name} from {path} "
+                f"({response.status_code}): {_detail(response)}",
+            )
         if response.status_code >= 400:
             already = "already" in response.text.lower()
             if not already:
