@@ -55,6 +55,7 @@ FAILURE_REASONS = (
     "vllm_unavailable",
     "vllm_refused",
     "verify",
+    "unload",
     "rank",
     "base_model",
     "full_checkpoint",

@@ -80,7 +80,7 @@ class ServedModels:
             text = response.text.lower()
             if "not found" not in text and "does not exist" not in text:
                 raise transient(
-                    "vllm_refused",
+                    "unload",
                     f"vLLM did not unload {name} ({response.status_code}): {_detail(response)}",
                 )
 
