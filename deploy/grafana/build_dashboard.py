@@ -331,6 +331,21 @@ def build() -> dict[str, Any]:
         unit="s",
         width=12,
     )
+    d.panel(
+        "Sampler policy load failures",
+        [
+            (
+                "sum by (reason) (increase(onpolicy_sampler_policy_load_failures_total"
+                "[$__rate_interval]))",
+                "{{reason}}",
+            ),
+            ("sum(onpolicy_sampler_policy_load_failed)", "replicas not serving the newest"),
+        ],
+        description="Failed attempts to make a policy ready, by reason (rank above "
+        "max_lora_rank, base model, full checkpoint, vLLM refusal: permanent; fetch, vLLM "
+        "unavailable: retried). A failing replica is not ready until a later version loads.",
+        width=12,
+    )
 
     return {
         "title": "onpolicy",

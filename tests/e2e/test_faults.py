@@ -66,10 +66,11 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
         eval_samples=2,
         num_samples=3,
         max_tokens=40,
+        max_prompt_tokens=96,  # the demo's prompts have at most 60 tokens
         runs_dir=tmp_path / "runs",
         run_id="killed",
         restart_backoff_s=0.5,
-        trainer={"max_length": 192, "max_prompt_length": 96, "per_device_batch_size": 2},
+        trainer={"max_length": 144, "per_device_batch_size": 2},
     )
     stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
     runner = Runner(settings, stack, status=status)

@@ -15,6 +15,7 @@ from onpolicy.bus import read_topic
 from onpolicy.run.runner import Runner
 from onpolicy.run.settings import RunSettings
 from onpolicy.settings import load_settings
+from onpolicy_sampler.adapters import adapter_name, content_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -70,7 +71,9 @@ def test_policy_versions_go_0_1_2_and_round_two_is_sampled_by_v1(run, kafka):
     train = [g for g in groups if g.prompt.dataset_split == "train"]
     assert {g.policy_version for g in train if g.prompt.round == 0} == {0}
     assert {g.policy_version for g in train if g.prompt.round == 1} == {1}
-    assert {g.model for g in train if g.prompt.round == 1} == {"policy-v1"}
+    # The sampler's name for v1: the version and a digest of the adapter's files.
+    v1 = adapter_name(1, content_digest(Path(updates[0].adapter_uri)))
+    assert {g.model for g in train if g.prompt.round == 1} == {v1}
     evals = [g for g in groups if g.prompt.dataset_split == "eval"]
     assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
 

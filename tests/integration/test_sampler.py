@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -11,10 +14,11 @@ from kafka import KafkaProducer
 
 from onpolicy import ids
 from onpolicy import messages as m
-from onpolicy.bus import Producer, read_topic
-from onpolicy.settings import load_settings
-from onpolicy.telemetry import Metrics
-from onpolicy_sampler.app import SamplerService
+from onpolicy.bus import Producer, ensure_topics, read_topic
+from onpolicy.settings import HttpSettings, TopicSettings, load_settings
+from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_sampler.adapters import adapter_name, content_digest
+from onpolicy_sampler.app import SamplerService, add_checks
 from onpolicy_sampler.settings import SamplerSettings
 
 pytestmark = pytest.mark.vllm
@@ -36,24 +40,55 @@ def sampler(kafka, topics, url, tmp_path, **overrides) -> SamplerService:
     return SamplerService(settings, Metrics("sampler"))
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(model_dir, tmp_path_factory):
+def peft_adapter(model_dir, out, r: int = 8, seed: int = 0):
     """A real LoRA adapter made by PEFT, with random (non-zero) weights so it changes outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft = get_peft_model(
         model,
         LoraConfig(
-            r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+            r=r, lora_alpha=4 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False
         ),
     )
-    out = tmp_path_factory.mktemp("adapter") / "policy-v1"
     peft.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    return peft_adapter(model_dir, tmp_path_factory.mktemp("adapter") / "policy-v1")
+
+
+@pytest.fixture(scope="module")
+def other_run_adapter_dir(model_dir, tmp_path_factory):
+    """Another run's (another lineage's) version 1: same folder name, other weights."""
+    return peft_adapter(model_dir, tmp_path_factory.mktemp("run-b") / "policy-v1", seed=1)
+
+
+@pytest.fixture(scope="module")
+def rank32_adapter_dir(model_dir, tmp_path_factory):
+    """Rank 32: above the stack's --max-lora-rank 16."""
+    return peft_adapter(model_dir, tmp_path_factory.mktemp("rank32") / "policy-v1", r=32, seed=2)
+
+
+@contextmanager
+def with_readyz(service: SamplerService):
+    """The service's /readyz as service_main serves it (the app's checks, a real server)."""
+    server = ServiceServer("sampler", service.metrics, HttpSettings(host="127.0.0.1", port=0))
+    add_checks(service, server)
+    server.start()
+    try:
+        yield lambda: httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=10)
+    finally:
+        server.stop()
+
+
+def served_models(url: str) -> dict[str, dict]:
+    return {d["id"]: d for d in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
 
 
 def test_n_samples_per_prompt_with_ids_lineage_and_version(
@@ -174,30 +209,36 @@ def test_policy_update_switches_the_served_adapter(
             r.message.prompt_id: r.message
             for r in wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
         }
+    name = adapter_name(1, content_digest(adapter_dir))
     assert groups["before"].policy_version == 0
-    assert groups["after"].policy_version == 1 and groups["after"].model == "policy-v1"
+    assert groups["after"].policy_version == 1 and groups["after"].model == name
     assert groups["after"].id == ids.group_id("after", 1)
     # Greedy decoding of the same prompt: the adapter changed what the server answers.
     assert groups["after"].completions[0].text != groups["before"].completions[0].text
-    assert "policy-v1" in [d["id"] for d in httpx.get(f"{vllm_server}/v1/models").json()["data"]]
+    # vLLM serves that name from this adapter's folder.
+    assert served_models(vllm_server)[name]["root"] == str(adapter_dir)
 
 
 def test_restarted_sampler_serves_the_newest_policy_before_taking_prompts(
-    kafka, topics, vllm_server, tmp_path, adapter_dir
+    kafka, topics, vllm_server, tmp_path, adapter_dir, model_dir
 ):
     producer = Producer(kafka)
     for version in (1, 2):
         producer.send_sync(
             topics.name("policy"),
             m.validate(
-                m.PolicyUpdate(version=version, adapter_uri=str(adapter_dir), base_model="b")
+                m.PolicyUpdate(
+                    version=version, adapter_uri=str(adapter_dir), base_model=str(model_dir)
+                )
             ),
         )
     producer.send_sync(topics.name("prompts"), m.validate(m.Prompt(text="Hello", num_samples=1)))
     service = sampler(kafka, topics, vllm_server, tmp_path)
     with running(service):
         [group] = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
-    assert group.message.policy_version == 2 and group.message.model == "policy-v2"
+    name = adapter_name(2, content_digest(adapter_dir))
+    assert group.message.policy_version == 2 and group.message.model == name
+    assert served_models(vllm_server)[name]["root"] == str(adapter_dir)
 
 
 def test_invalid_prompts_are_dead_lettered_and_the_stream_goes_on(
@@ -250,3 +291,153 @@ def test_vllm_restart_mid_stream_loses_and_duplicates_nothing(kafka, topics, vll
     assert len(keys) == len(set(keys)) == 12
     assert {r.message.prompt_id for r in records} == {p.id for p in prompts}
     assert list(read_topic(kafka, topics.name("dlq"), m.DeadLetter)) == []
+
+
+GREEDY = m.SamplingParams(temperature=0.0, max_tokens=16)
+QUESTION = [m.ChatMessage(role="user", content="Write a short greeting.")]
+
+
+def policy_update(version: int, adapter, model_dir) -> m.PolicyUpdate:
+    return m.validate(
+        m.PolicyUpdate(version=version, adapter_uri=str(adapter), base_model=str(model_dir))
+    )
+
+
+def greedy_text(url: str, model: str) -> str:
+    body = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTION[0].content}],
+            "temperature": 0.0,
+            "max_tokens": 16,
+        },
+        timeout=120,
+    ).json()
+    return body["choices"][0]["message"]["content"]
+
+
+def test_two_runs_in_a_row_on_one_vllm_each_sample_their_own_adapter(
+    kafka, topics, vllm_server, tmp_path, model_dir, adapter_dir, other_run_adapter_dir
+):
+    """The reported bug: a second run's v1 sampled from the first run's v1 (same name, and
+    "already loaded" taken for success). Two lineages, same prefix and version, other weights."""
+    second = TopicSettings(prefix=f"test-{uuid.uuid4().hex[:8]}.", partitions=2)
+    ensure_topics(kafka, second)
+    # Worst case for run 2: vLLM already has run 2's name, rooted in run 1's folder.
+    stale = adapter_name(1, content_digest(other_run_adapter_dir))
+    response = httpx.post(
+        f"{vllm_server}/v1/load_lora_adapter",
+        json={"lora_name": stale, "lora_path": str(adapter_dir)},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    producer = Producer(kafka)
+    groups = []
+    for run_topics, adapter in ((topics, adapter_dir), (second, other_run_adapter_dir)):
+        producer.send_sync(run_topics.name("policy"), policy_update(1, adapter, model_dir))
+        producer.send_sync(
+            run_topics.name("prompts"),
+            m.validate(m.Prompt(id="q", messages=QUESTION, sampling=GREEDY)),
+        )
+        service = sampler(
+            kafka, run_topics, vllm_server, tmp_path / run_topics.prefix, num_samples=1
+        )
+        with running(service):
+            [group] = wait_records(
+                kafka, run_topics.name("completions"), m.CompletionGroup, 1, timeout=180
+            )
+        groups.append(group.message)
+    first, other = groups
+    assert first.policy_version == other.policy_version == 1
+    assert first.model != other.model
+    assert other.model == stale
+    served = served_models(vllm_server)
+    # Each name each sampler requested is rooted in its own run's adapter.
+    assert served[first.model]["root"] == str(adapter_dir)
+    assert served[other.model]["root"] == str(other_run_adapter_dir)
+    # And the samples come from those adapters: greedy decoding through each name again.
+    assert first.completions[0].text == greedy_text(vllm_server, first.model)
+    assert other.completions[0].text == greedy_text(vllm_server, other.model)
+    assert first.completions[0].text != other.completions[0].text
+
+
+def test_adapter_above_the_max_rank_makes_the_replica_not_ready_until_a_later_version(
+    kafka, topics, vllm_server, tmp_path, model_dir, adapter_dir, rank32_adapter_dir
+):
+    producer = Producer(kafka)
+    service = sampler(kafka, topics, vllm_server, tmp_path, num_samples=1, max_lora_rank=16)
+    with running(service), with_readyz(service) as readyz:
+        wait_until(lambda: readyz().status_code == 200, 60, "ready")
+        producer.send_sync(topics.name("policy"), policy_update(1, rank32_adapter_dir, model_dir))
+        wait_until(lambda: service.tracker.failure is not None, 60, "the refusal")
+        assert service.tracker.failure.reason == "rank" and service.tracker.failure.permanent
+        answer = readyz()
+        assert answer.status_code == 503 and answer.json()["checks"]["policy"] is False
+        assert sample_value(service.metrics, "policy_load_failures_total", reason="rank") == 1
+        assert sample_value(service.metrics, "policy_load_failed") == 1
+        roots = {d.get("root") for d in served_models(vllm_server).values()}
+        assert str(rank32_adapter_dir) not in roots
+        # Still sampling, and honestly stamped: the base model, version 0.
+        producer.send_sync(topics.name("prompts"), m.validate(m.Prompt(id="a", text="Hi")))
+        [before] = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+        assert before.message.policy_version == 0
+        assert before.message.model == "SmolLM2-135M-Instruct"
+        # A later good version loads and readiness comes back.
+        producer.send_sync(topics.name("policy"), policy_update(2, adapter_dir, model_dir))
+        wait_until(lambda: service.tracker.current.version == 2, 120, "v2 loaded")
+        wait_until(lambda: readyz().status_code == 200, 30, "ready again")
+        assert service.tracker.failure is None
+        assert sample_value(service.metrics, "policy_load_failed") == 0
+        producer.send_sync(topics.name("prompts"), m.validate(m.Prompt(id="b", text="Hi")))
+        records = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
+    after = next(r.message for r in records if r.message.prompt_id == "b")
+    assert after.policy_version == 2
+    assert after.model == adapter_name(2, content_digest(adapter_dir))
+    assert served_models(vllm_server)[after.model]["root"] == str(adapter_dir)
+
+
+def test_vllm_refusing_an_adapter_is_permanent_and_does_not_block_later_versions(
+    kafka, topics, vllm_server, tmp_path, model_dir, adapter_dir, rank32_adapter_dir
+):
+    """A sampler whose max_lora_rank is above vLLM's (misconfigured): vLLM itself refuses."""
+    producer = Producer(kafka)
+    service = sampler(kafka, topics, vllm_server, tmp_path, num_samples=1, max_lora_rank=64)
+    with running(service), with_readyz(service) as readyz:
+        producer.send_sync(topics.name("policy"), policy_update(1, rank32_adapter_dir, model_dir))
+        wait_until(lambda: service.tracker.failure is not None, 60, "the refusal")
+        failure = service.tracker.failure
+        assert failure.reason == "vllm_refused" and failure.permanent, failure
+        assert "max_lora_rank" in failure.message
+        assert readyz().status_code == 503
+        assert httpx.get(f"{vllm_server}/health", timeout=10).status_code == 200
+        producer.send_sync(topics.name("policy"), policy_update(2, adapter_dir, model_dir))
+        wait_until(lambda: service.tracker.current.version == 2, 120, "v2 loaded")
+        wait_until(lambda: readyz().status_code == 200, 30, "ready again")
+    assert sample_value(service.metrics, "policy_load_failures_total", reason="vllm_refused") == 1
+
+
+def test_adapter_not_there_yet_is_retried_not_skipped(
+    kafka, topics, vllm_server, tmp_path, model_dir, adapter_dir
+):
+    later = tmp_path / "shared-volume" / "policy-v1"
+    producer = Producer(kafka)
+    service = sampler(kafka, topics, vllm_server, tmp_path, num_samples=1, policy_retry_max_s=1.0)
+    with running(service), with_readyz(service) as readyz:
+        wait_until(lambda: readyz().status_code == 200, 60, "ready")
+        producer.send_sync(topics.name("policy"), policy_update(1, later, model_dir))
+        wait_until(
+            lambda: service.tracker.failure is not None and service.tracker.failure.attempts >= 3,
+            60,
+            "three failed fetches",
+        )
+        assert service.tracker.failure.reason == "fetch" and not service.tracker.failure.permanent
+        assert readyz().status_code == 503
+        assert sample_value(service.metrics, "policy_load_failures_total", reason="fetch") >= 3
+        shutil.copytree(adapter_dir, later)  # the trainer's folder shows up on the volume
+        wait_until(lambda: service.tracker.current.version == 1, 60, "v1 loaded")
+        wait_until(lambda: readyz().status_code == 200, 30, "ready again")
+        producer.send_sync(topics.name("prompts"), m.validate(m.Prompt(id="q", text="Hi")))
+        [group] = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+    assert group.message.policy_version == 1
+    assert served_models(vllm_server)[group.message.model]["root"] == str(later)

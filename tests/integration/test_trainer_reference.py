@@ -132,7 +132,9 @@ def test_reference_log_probs_are_those_of_the_model_the_settings_name(
 
 
 def test_full_finetune_round_saves_a_model_and_continues_from_it(model_dir, tmp_path):
-    settings = _settings(model_dir, full_finetune=True, learning_rate=1e-4)
+    # full_weights_reload: this test trains the round only, no sampler serves it.
+    full = {"full_finetune": True, "full_weights_reload": True}
+    settings = _settings(model_dir, **full, learning_rate=1e-4)
     first = tmp_path / "v1"
     train_round(settings, _rows(model_dir), None, first)
     assert (first / "config.json").exists() and (first / "model.safetensors").exists()
@@ -142,7 +144,7 @@ def test_full_finetune_round_saves_a_model_and_continues_from_it(model_dir, tmp_
     assert moved, "a full fine-tune round changed no weight"
     # Round 2 starts from v1's weights, and with reference="previous" scores against v1.
     rows = _rows(model_dir, round_=3)
-    prev = _settings(model_dir, full_finetune=True, reference="previous")
+    prev = _settings(model_dir, **full, reference="previous")
     trainer = build_trainer(prev, rows, first, tmp_path / "scratch")
     live = trainer.model.state_dict()
     assert all(torch.equal(live[k].cpu(), v1[k]) for k in moved[:5])

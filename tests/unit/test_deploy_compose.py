@@ -103,6 +103,7 @@ def test_vllm_serves_lora_and_the_sampler_finds_it(compose: dict[str, Any]) -> N
     for vllm in (gpu, cpu):
         args = [dc.interpolate(a) for a in vllm["command"]]
         assert "--enable-lora" in args and "--max-lora-rank=16" in args
+        assert "--max-lora-rank=${ONPOLICY_MAX_LORA_RANK:-16}" in vllm["command"]
         assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
         assert "checkpoints:/checkpoints:ro" in vllm["volumes"]
         served = next(a.split("=", 1)[1] for a in args if a.startswith("--served-model-name="))
@@ -208,3 +209,29 @@ def test_published_ports_are_bound_to_loopback(compose: dict[str, Any]) -> None:
             assert isinstance(port, str) and port.startswith("127.0.0.1:"), (name, port)
             published += 1
     assert published >= 4  # Kafka, the judge's gRPC, Prometheus, Grafana
+
+
+@pytest.mark.parametrize("given", [None, "32"])
+def test_one_max_lora_rank_for_vllm_sampler_and_trainer(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, given: str | None
+) -> None:
+    """ONPOLICY_MAX_LORA_RANK sets vLLM's --max-lora-rank and the sampler's and trainer's
+    max_lora_rank together; the trainer's lora_r fits under it."""
+    host = {"ONPOLICY_MAX_LORA_RANK": given} if given else {}
+    services = compose["services"]
+    for vllm in ("vllm", "vllm-cpu"):
+        args = [dc.interpolate(a, host) for a in services[vllm]["command"]]
+        [flag] = [a for a in args if a.startswith("--max-lora-rank")]
+        rank = int(flag.split("=", 1)[1])
+        assert rank == int(given or 16)
+    for name, service in SERVICES.items():
+        if service == "judge":
+            continue
+        env = {
+            k: dc.interpolate(str(v), host)
+            for k, v in services[name].get("environment", {}).items()
+        }
+        settings = load_service_settings(service, env, None, monkeypatch)
+        assert settings.max_lora_rank == rank, name
+        if service == "trainer":
+            assert settings.lora_r <= rank

@@ -280,7 +280,7 @@ def test_sampler_pod_serves_lora_policies_from_the_trainers_checkpoints(
     pod = pod_spec(objects, "sampler")
     vllm, sampler = container(objects, "sampler", "vllm"), container(objects, "sampler", "sampler")
     args = vllm["args"]
-    assert "--enable-lora" in args and "--max-lora-rank=16" in args
+    assert "--enable-lora" in args and "--max-lora-rank=$(MAX_LORA_RANK)" in args
     assert env_of(objects, vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     sampler_env = env_of(objects, sampler)
     vllm_port = next(p["containerPort"] for p in vllm["ports"] if p["name"] == "vllm")
@@ -619,3 +619,34 @@ def test_the_control_plane_check_covers_every_overlay_meant_for_a_cluster() -> N
         claims = of_kind(built(case.overlay), "PersistentVolumeClaim")
         modes = [v.access for v in case.volumes]
         assert sorted(c["spec"]["accessModes"][0] for c in claims) == sorted(modes)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_max_lora_rank_for_vllm_sampler_and_trainer(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's --max-lora-rank, the sampler's and the trainer's max_lora_rank are one key, and
+    the trainer's lora_r fits under it (else every sampler would refuse its adapters)."""
+    objects = built(overlay)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
+    vllm = container(objects, "sampler", "vllm")
+    flags = [a for a in vllm["args"] if a.startswith("--max-lora-rank")]
+    assert flags == ["--max-lora-rank=$(MAX_LORA_RANK)"]
+    rank = int(env_of(objects, vllm)["MAX_LORA_RANK"])
+    sampler = load_service_settings(
+        "sampler", env_of(objects, container(objects, "sampler", "sampler")), config, monkeypatch
+    )
+    trainer = load_service_settings(
+        "trainer", env_of(objects, container(objects, "trainer", "trainer")), config, monkeypatch
+    )
+    assert sampler.max_lora_rank == trainer.max_lora_rank == rank
+    assert trainer.full_finetune or trainer.lora_r <= rank
+    # Both read it from the ConfigMap, not from a copy of the number.
+    for deployment in ("sampler", "trainer"):
+        var = next(
+            v
+            for v in container(objects, deployment, deployment)["env"]
+            if v["name"] == f"ONPOLICY_{deployment.upper()}_MAX_LORA_RANK"
+        )
+        assert var["valueFrom"]["configMapKeyRef"]["key"] == "MAX_LORA_RANK"

@@ -56,6 +56,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             "ONPOLICY_VLLM_URL": server.url,
             "ONPOLICY_MODEL_PATH": str(model),
             "ONPOLICY_SERVED_MODEL_NAME": settings.served_model_name,
+            # vLLM's --max-lora-rank: the sampler and the trainer check adapters against it.
+            "ONPOLICY_MAX_LORA_RANK": str(settings.max_lora_rank),
         }
     settings.state.mkdir(parents=True, exist_ok=True)
     env_file = settings.state / "stack.env"

@@ -43,7 +43,12 @@ class StackSettings(ServiceSettings):
     vllm_port: int = Field(8001, ge=1, le=65535)
     vllm_kv_cache_gib: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on the CPU")
     vllm_max_model_len: int = Field(2048, ge=128)
-    vllm_max_lora_rank: int = Field(16, ge=1)
+    max_lora_rank: int = Field(
+        16,
+        ge=1,
+        description="vLLM's --max-lora-rank; the same variable, ONPOLICY_MAX_LORA_RANK, sets "
+        "the sampler's and the trainer's max_lora_rank",
+    )
     vllm_dtype: str = Field(
         "auto",
         description="model dtype on the CPU; auto: bfloat16 where the CPU computes it natively "

@@ -169,7 +169,7 @@ class VllmServer:
             str(s.vllm_max_model_len),
             "--enable-lora",
             "--max-lora-rank",
-            str(s.vllm_max_lora_rank),
+            str(s.max_lora_rank),
             "--max-loras",
             "4",
             *s.vllm_extra_args,

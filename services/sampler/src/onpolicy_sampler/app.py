@@ -32,6 +32,9 @@ class SamplerService(Processor[Prompt]):
             producer=producer,
             api_key=api_key,
             adapter_prefix=settings.adapter_prefix,
+            max_lora_rank=settings.max_lora_rank,
+            retry_initial_s=settings.policy_retry_initial_s,
+            retry_max_s=settings.policy_retry_max_s,
         )
         self.client = VllmClient(
             settings.vllm_url,
@@ -69,6 +72,18 @@ class SamplerService(Processor[Prompt]):
         except httpx.HTTPError:
             return False
 
+    def policy_view(self) -> dict[str, object]:
+        tracker = self.tracker
+        failure = tracker.failure
+        return {
+            "version": tracker.current.version,
+            "model": tracker.current.model,
+            "adapter_path": tracker.current.adapter_path,
+            "loaded": [p.model for p in tracker.loaded],
+            "ready": tracker.ready(),
+            "failure": failure.__dict__ if failure else None,
+        }
+
     def run(self, install_signal_handlers: bool = True) -> None:
         self.tracker.start()
         if self.rounds is not None:
@@ -81,18 +96,16 @@ class SamplerService(Processor[Prompt]):
             self.tracker.stop()
 
 
+def add_checks(service: SamplerService, server: ServiceServer) -> None:
+    """The sampler's readiness checks and its /policy route on the service's HTTP server."""
+    server.add_check("vllm", service.vllm_ok)
+    # Caught up with the policy topic and serving its newest policy (not refused, not failing).
+    server.add_check("policy", service.tracker.ready)
+    server.add_check("backend", lambda: service.backend_ok)
+    server.app.add_api_route("/policy", service.policy_view, methods=["GET"])
+
+
 def build(settings: SamplerSettings, metrics: Metrics, server: ServiceServer) -> SamplerService:
     service = SamplerService(settings, metrics)
-    server.add_check("vllm", service.vllm_ok)
-    server.add_check("policy", service.tracker.caught_up.is_set)
-    server.add_check("backend", lambda: service.backend_ok)
-    server.app.add_api_route(
-        "/policy",
-        lambda: {
-            "version": service.tracker.current.version,
-            "model": service.tracker.current.model,
-            "loaded": [p.model for p in service.tracker.loaded],
-        },
-        methods=["GET"],
-    )
+    add_checks(service, server)
     return service

@@ -3,6 +3,18 @@
 Every replica reads the whole (single-partition) policy topic outside any consumer group, so
 all replicas converge on the same, newest policy. On start the topic is read to its end and
 the newest adapter loaded before any prompt is taken.
+
+A policy is activated only once vLLM is proven to serve it (``served.ServedModels.ensure``):
+its name is ``<prefix>-v<N>-<content digest>`` and ``/v1/models`` must list that name with the
+adapter's path as ``root``. The worker requests ``current.model``, so a group's
+``policy_version`` is the version of the adapter vLLM actually used.
+
+Failures never block the topic: a transient one (adapter not fetchable yet, vLLM down) is
+retried with backoff, the topic still read between attempts, and a newer version replaces the
+pending one; a permanent one (a full checkpoint, LoRA rank above the server's maximum, another
+base model, vLLM refusing the adapter) is given up at once. Either way the replica is not
+ready (``ready``), the failure counted (``policy_load_failures_total{reason}``) and logged,
+until a version loads.
 """
 
 from __future__ import annotations
@@ -13,7 +25,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import httpx
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
@@ -24,8 +35,33 @@ from onpolicy.messages import DeadLetter
 from onpolicy.serde import RecordError, decode
 from onpolicy.settings import KafkaSettings
 from onpolicy.telemetry import Metrics
+from onpolicy_sampler.adapters import (
+    Backoff,
+    LoadFailure,
+    adapter_config,
+    adapter_name,
+    check_rank,
+    content_digest,
+    fetch_adapter,
+    permanent,
+    same_base_model,
+)
+from onpolicy_sampler.served import ServedModels
 
 log = logging.getLogger(__name__)
+
+FAILURE_REASONS = (
+    "fetch",
+    "vllm_unavailable",
+    "vllm_refused",
+    "verify",
+    "unload",
+    "rank",
+    "base_model",
+    "full_checkpoint",
+    "bad_adapter",
+    "error",
+)
 
 
 @dataclass(frozen=True)
@@ -35,24 +71,15 @@ class Policy:
     adapter_path: str | None = None
 
 
-def adapter_name(version: int, prefix: str = "policy") -> str:
-    return f"{prefix}-v{version}"
+@dataclass(frozen=True)
+class PolicyFailure:
+    """Why the newest published policy is not the one being sampled."""
 
-
-def fetch_adapter(uri: str, cache_dir: Path, version: int) -> str:
-    """A local folder holding the adapter: the URI itself, or a copy fetched with fsspec."""
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri.removeprefix("file://")
-        if not Path(path, "adapter_config.json").exists():
-            raise FileNotFoundError(f"no adapter_config.json in {path}")
-        return path
-    target = cache_dir / adapter_name(version)
-    if not (target / "adapter_config.json").exists():
-        fs, remote = fsspec.core.url_to_fs(uri)
-        partial = target.with_name(target.name + ".partial")
-        fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
-        partial.rename(target)
-    return str(target)
+    version: int
+    reason: str
+    message: str
+    permanent: bool
+    attempts: int
 
 
 class PolicyTracker:
@@ -70,6 +97,9 @@ class PolicyTracker:
         producer: Producer,
         api_key: str | None = None,
         adapter_prefix: str = "policy",
+        max_lora_rank: int = 16,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 15.0,
     ):
         self.kafka = kafka
         self.topic = topic
@@ -78,11 +108,18 @@ class PolicyTracker:
         self.current = self.base
         self.keep_adapters = keep_adapters
         self.adapter_prefix = adapter_prefix
+        self.max_lora_rank = max_lora_rank
         self.cache_dir = cache_dir
         self.producer = producer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=vllm_url, headers=headers, timeout=60)
+        self.served = ServedModels(self.http)
+        self._vllm_lock = threading.Lock()  # the policy thread and the worker's reloads
         self.loaded: list[Policy] = []
+        self.failure: PolicyFailure | None = None
+        self._pending: m.PolicyUpdate | None = None
+        self._backoff = Backoff(retry_initial_s, retry_max_s)
+        self._next_attempt = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,73 +127,148 @@ class PolicyTracker:
         self.m_version = metrics.gauge("policy_version", "Policy version being sampled")
         self.m_loads = metrics.counter("adapter_loads_total", "Adapters loaded into vLLM")
         self.m_load_seconds = metrics.histogram("adapter_load_seconds", "Adapter fetch + load")
-
-    # ------------------------------------------------------------------ vLLM side
-    def _load(self, policy: Policy) -> None:
-        assert policy.adapter_path is not None
-        response = self.http.post(
-            "/v1/load_lora_adapter",
-            json={"lora_name": policy.model, "lora_path": policy.adapter_path},
+        self.m_failures = metrics.counter(
+            "policy_load_failures_total",
+            "Failed attempts to make a policy ready, by reason",
+            ("reason",),
         )
-        if response.status_code >= 400 and "already" not in response.text.lower():
-            raise RuntimeError(
-                f"vLLM refused adapter {policy.model} ({response.status_code}): "
-                f"{response.text[:300]}"
+        self.m_failed = metrics.gauge(
+            "policy_load_failed", "1 while the newest published policy could not be activated"
+        )
+        for reason in FAILURE_REASONS:
+            self.m_failures.labels(reason)
+
+    def ready(self) -> bool:
+        """Caught up with the topic and serving its newest policy (the readiness check)."""
+        alive = self._thread is None or self._thread.is_alive()
+        return alive and self.caught_up.is_set() and self.failure is None
+
+    # ------------------------------------------------------------------ one policy
+    def _prepare(self, update: m.PolicyUpdate) -> Policy:
+        """Fetch and check the adapter on this side; its content names it in vLLM."""
+        if not update.adapter_uri:
+            raise permanent(
+                "full_checkpoint",
+                f"policy v{update.version} is a full checkpoint ({update.checkpoint_uri}), "
+                "which the sampler cannot hot-load (vLLM's runtime API loads LoRA adapters "
+                "only): train LoRA adapters, or reload full weights some other way",
+            )
+        path = fetch_adapter(update.adapter_uri, self.cache_dir)
+        check_rank(adapter_config(path), self.max_lora_rank, str(path))
+        digest = content_digest(path)
+        name = adapter_name(update.version, digest, self.adapter_prefix)
+        return Policy(update.version, name, str(path))
+
+    def _check_base_model(self, update: m.PolicyUpdate) -> None:
+        models = self.served.models()
+        base = models.get(self.base.model)
+        served = {self.base.model, (base or {}).get("root") or ""}
+        if not same_base_model(update.base_model, served):
+            raise permanent(
+                "base_model",
+                f"policy v{update.version} was trained on {update.base_model!r}, but vLLM "
+                f"serves {self.base.model!r} from {(base or {}).get('root')!r}",
             )
 
-    def _unload(self, policy: Policy) -> None:
-        try:
-            self.http.post("/v1/unload_lora_adapter", json={"lora_name": policy.model})
-        except httpx.HTTPError as exc:
-            log.warning("unloading %s failed: %s", policy.model, exc)
-
     def _activate(self, update: m.PolicyUpdate) -> None:
-        if update.version <= self.current.version:
-            return  # replayed or out of date: the newest policy wins
         started = time.monotonic()
-        uri = update.adapter_uri or update.checkpoint_uri
-        path = fetch_adapter(uri, self.cache_dir, update.version)
-        policy = Policy(update.version, adapter_name(update.version, self.adapter_prefix), path)
-        self._retry(lambda: self._load(policy), f"load {policy.model}")
+        policy = self._prepare(update)
+        with self._vllm_lock:
+            self._check_base_model(update)
+            action = self.served.ensure(policy.model, policy.adapter_path or "")
         with self._lock:
             self.current = policy
-            self.loaded.append(policy)
+            self.loaded = [p for p in self.loaded if p.model != policy.model] + [policy]
             stale, self.loaded = (
                 self.loaded[: -self.keep_adapters],
                 self.loaded[-self.keep_adapters :],
             )
         for old in stale:
-            self._unload(old)
+            try:
+                with self._vllm_lock:
+                    self.served.unload(old.model)
+            except LoadFailure as exc:
+                log.warning("unloading %s failed: %s", old.model, exc)
+        seconds = time.monotonic() - started
         self.m_version.set(policy.version)
         self.m_loads.inc()
-        self.m_load_seconds.observe(time.monotonic() - started)
+        self.m_load_seconds.observe(seconds)
         log.info(
-            "now sampling policy v%d (%s, loaded in %.2fs)",
+            "now sampling policy v%d as %s (%s from %s, checked in vLLM's /v1/models, %.2fs)",
             policy.version,
-            path,
-            time.monotonic() - started,
+            policy.model,
+            action,
+            policy.adapter_path,
+            seconds,
+        )
+
+    def _attempt(self) -> None:
+        update = self._pending
+        assert update is not None
+        try:
+            self._activate(update)
+        except LoadFailure as exc:
+            self._failed(update, exc)
+            return
+        except Exception as exc:  # a bug or an unforeseen error: loud, and retried
+            log.exception("activating policy v%d failed unexpectedly", update.version)
+            self._failed(update, LoadFailure("error", repr(exc), permanent=False))
+            return
+        self._pending = None
+        self.failure = None
+        self._backoff.reset()
+        self.m_failed.set(0)
+
+    def _failed(self, update: m.PolicyUpdate, exc: LoadFailure) -> None:
+        self.m_failures.labels(exc.reason).inc()
+        self.m_failed.set(1)
+        attempts = self._backoff.attempts + 1
+        self.failure = PolicyFailure(update.version, exc.reason, str(exc), exc.permanent, attempts)
+        if exc.permanent:
+            log.error(
+                "policy v%d refused (%s): %s. This replica is NOT READY and samples v%d "
+                "until a later version loads",
+                update.version,
+                exc.reason,
+                exc,
+                self.current.version,
+            )
+            self._pending = None
+            self._backoff.reset()
+            return
+        delay = self._backoff.next_delay()
+        self._next_attempt = time.monotonic() + delay
+        log.warning(
+            "policy v%d not active yet (%s: %s); attempt %d failed, retrying in %.1fs "
+            "(NOT READY meanwhile, still sampling v%d)",
+            update.version,
+            exc.reason,
+            exc,
+            attempts,
+            delay,
+            self.current.version,
         )
 
     def reload_current(self) -> None:
-        """vLLM lost the adapter (it restarted): load it again."""
+        """vLLM does not know the current adapter (it restarted): load it again.
+
+        Called by the worker when a request names an unknown model. One bounded pass (look,
+        load, verify); the worker's request is retried by the processor, with backoff, and
+        comes back here if the adapter is still missing.
+        """
         with self._lock:
             policy = self.current
-        if policy.adapter_path is not None:
-            self._retry(lambda: self._load(policy), f"reload {policy.model}")
-            log.info("reloaded %s into vLLM", policy.model)
-
-    def _retry(self, action, what: str) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                action()
-                return
-            except (httpx.HTTPError, RuntimeError) as exc:
-                if self._stop.is_set():
-                    raise
-                log.warning("%s failed (%s); retrying in %.1fs", what, exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 15)
+        if policy.adapter_path is None:
+            return
+        try:
+            with self._vllm_lock:
+                action = self.served.ensure(policy.model, policy.adapter_path)
+        except LoadFailure as exc:
+            self.m_failures.labels(exc.reason).inc()
+            log.warning("reloading %s into vLLM failed (%s): %s", policy.model, exc.reason, exc)
+            return
+        if action != "verified":
+            log.info("reloaded %s into vLLM (%s)", policy.model, action)
 
     # ------------------------------------------------------------------ Kafka side
     def _handle(self, raw) -> None:
@@ -176,7 +288,14 @@ class PolicyTracker:
             )
             self.producer.send_sync(self.dead_letter_topic, m.validate(letter))
             return
-        self._pending = update  # only the newest matters while catching up
+        if update.version <= self.current.version:
+            return  # replayed or out of date: the newest policy wins
+        if self._pending is not None and update.version < self._pending.version:
+            return
+        if self._pending is None or update.version > self._pending.version:
+            self._backoff.reset()  # a newer version replaces the pending one: try it now
+            self._next_attempt = 0.0
+        self._pending = update
 
     def run(self) -> None:
         consumer = KafkaConsumer(
@@ -188,16 +307,21 @@ class PolicyTracker:
             consumer.seek_to_beginning(tp)
             end = consumer.end_offsets([tp])[tp]
             while not self._stop.is_set():
-                self._pending: m.PolicyUpdate | None = None
-                for records in consumer.poll(timeout_ms=500).values():
+                wait_ms = 500
+                if self._pending is not None:
+                    wait_ms = int(min(max(self._next_attempt - time.monotonic(), 0) * 1000, 500))
+                for records in consumer.poll(timeout_ms=wait_ms).values():
                     for raw in records:
                         self._handle(raw)
-                if self._pending is not None:
-                    try:
-                        self._activate(self._pending)
-                    except Exception:  # a broken update must not stop policy tracking
-                        log.exception("cannot activate policy v%d", self._pending.version)
-                if not self.caught_up.is_set() and consumer.position(tp) >= end:
+                at_end = consumer.position(tp) >= end
+                # While catching up, only the newest update counts: load nothing before the end.
+                if (
+                    self._pending is not None
+                    and (at_end or self.caught_up.is_set())
+                    and time.monotonic() >= self._next_attempt
+                ):
+                    self._attempt()
+                if not self.caught_up.is_set() and at_end and self._pending is None:
                     self.caught_up.set()
                     log.info("policy topic read to its end: sampling v%d", self.current.version)
         finally:
@@ -205,11 +329,14 @@ class PolicyTracker:
             self.caught_up.set()
 
     def start(self, timeout_s: float = 600.0) -> None:
-        """Start following; return once the newest published policy is loaded."""
+        """Start following; return once the newest published policy is loaded (or refused)."""
         self._thread = threading.Thread(target=self.run, name="policy", daemon=True)
         self._thread.start()
         if not self.caught_up.wait(timeout_s):
-            raise TimeoutError(f"policy topic not read within {timeout_s}s")
+            raise TimeoutError(
+                f"policy topic not read within {timeout_s}s"
+                + (f": {self.failure.reason}: {self.failure.message}" if self.failure else "")
+            )
         self.m_version.set(self.current.version)
 
     def stop(self) -> None:

@@ -48,7 +48,21 @@ class SamplerSettings(ServiceSettings):
     request_timeout_s: float = Field(600.0, gt=0)
 
     adapter_prefix: str = Field(
-        "policy", description="vLLM name of version N is <prefix>-vN (unique per pipeline)"
+        "policy",
+        description="vLLM name of version N is <prefix>-vN-<digest of the adapter's files>",
+    )
+    max_lora_rank: int = Field(
+        16,
+        ge=1,
+        description="largest LoRA rank vLLM serves: must equal its --max-lora-rank "
+        "(ONPOLICY_MAX_LORA_RANK sets stack, sampler and trainer at once); a policy above it "
+        "is refused (not ready)",
+    )
+    policy_retry_initial_s: float = Field(
+        0.5, gt=0, description="first delay before retrying a policy that failed to load"
+    )
+    policy_retry_max_s: float = Field(
+        15.0, gt=0, description="longest delay between retries of a policy (never gives up)"
     )
     keep_adapters: int = Field(2, ge=1, description="LoRA adapters kept loaded in vLLM")
     adapter_cache_dir: Path = Field(

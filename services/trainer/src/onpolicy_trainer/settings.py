@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from onpolicy.budget import DEFAULT_MAX_LENGTH
 from onpolicy.settings import ServiceSettings
@@ -73,8 +73,23 @@ class TrainerSettings(ServiceSettings):
     )
 
     # LoRA (PEFT)
-    full_finetune: bool = Field(False, description="train every weight instead of a LoRA")
-    lora_r: int = Field(8, ge=1)
+    full_finetune: bool = Field(
+        False,
+        description="train every weight instead of a LoRA (needs full_weights_reload: the "
+        "sampler hot-loads LoRA adapters only)",
+    )
+    full_weights_reload: bool = Field(
+        False,
+        description="the deployment reloads full checkpoints into vLLM some other way than the "
+        "sampler (which refuses them); required by full_finetune",
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank, at most max_lora_rank")
+    max_lora_rank: int = Field(
+        16,
+        ge=1,
+        description="largest LoRA rank the samplers' vLLM serves (its --max-lora-rank; "
+        "ONPOLICY_MAX_LORA_RANK sets stack, sampler and trainer at once)",
+    )
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(
@@ -99,6 +114,25 @@ class TrainerSettings(ServiceSettings):
         None, description="push each round's adapter and dataset to this Hub repo"
     )
     hub_private: bool = True
+
+    @model_validator(mode="after")
+    def _servable(self) -> TrainerSettings:
+        if self.full_finetune and not self.full_weights_reload:
+            raise ValueError(
+                "full_finetune publishes full checkpoints (PolicyUpdate.checkpoint_uri), which "
+                "the sampler cannot hot-load: vLLM's runtime API loads LoRA adapters only. "
+                "Train LoRA adapters (full_finetune=false), or set full_weights_reload=true "
+                "[env ONPOLICY_TRAINER_FULL_WEIGHTS_RELOAD] only if this deployment reloads "
+                "full weights into vLLM some other way"
+            )
+        if not self.full_finetune and self.lora_r > self.max_lora_rank:
+            raise ValueError(
+                f"lora_r ({self.lora_r}) is above max_lora_rank ({self.max_lora_rank}), the "
+                "largest rank the samplers' vLLM serves (--max-lora-rank): every sampler would "
+                "refuse the adapters. Lower lora_r [env ONPOLICY_TRAINER_LORA_R] or raise "
+                "max_lora_rank for vLLM, sampler and trainer together [env ONPOLICY_MAX_LORA_RANK]"
+            )
+        return self
 
     @property
     def loss_types(self) -> list[str]:
