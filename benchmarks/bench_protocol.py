@@ -57,6 +57,7 @@ def one_run(
             "round_protocol": protocol,
             "adapter_prefix": f"{topics.prefix.strip('.')}-policy",
             "adapter_cache_dir": str(folder / "adapters"),
+            "adapter_uri_prefixes": [str(folder / "checkpoints")],
         },
         judge={"backend": "function", "functions": [{"name": "concise"}]},
         trainer={

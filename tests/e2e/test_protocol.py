@@ -72,6 +72,7 @@ def deployment(kafka, vllm, model_dir, tmp_path_factory):
             # Unique per test: the session's vLLM serves other tests' adapters too.
             "adapter_prefix": f"{topics.prefix.strip('.')}-policy",
             "adapter_cache_dir": str(tmp / "adapters"),
+            "adapter_uri_prefixes": [str(tmp / "checkpoints")],
         },
         judge={"backend": "function", "functions": [{"name": "concise"}]},
         trainer={

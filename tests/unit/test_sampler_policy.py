@@ -24,6 +24,7 @@ from onpolicy_sampler.adapters import (
     content_digest,
     fetch_adapter,
     same_base_model,
+    uri_allowed,
 )
 from onpolicy_sampler.policy import PolicyTracker
 from onpolicy_sampler.served import ServedModels
@@ -308,3 +309,25 @@ def test_two_lineages_same_version_get_different_names(tmp_path: Path) -> None:
     assert one.current.model != two.current.model
     assert fake.adapters[one.current.model].endswith("run-a/policy-v1")
     assert fake.adapters[two.current.model].endswith("run-b/policy-v1")
+
+
+def test_adapters_load_only_from_the_checkpoint_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    assert uri_allowed(str(store / "policy-v1"), [str(store)])
+    assert uri_allowed(f"file://{store}/policy-v1", [f"{store}/"])
+    assert not uri_allowed(str(store / ".." / "elsewhere"), [str(store)])  # no climbing out
+    assert not uri_allowed("/etc/passwd", [str(store)])
+    assert uri_allowed("s3://bucket/run/policy-v1", ["s3://bucket/run"])
+    assert not uri_allowed("s3://bucket/run-other/policy-v1", ["s3://bucket/run"])
+    assert not uri_allowed("gs://bucket/run/policy-v1", ["s3://bucket/run"])
+    assert not uri_allowed("http://evil.example/adapter", [str(store)])
+
+    fake = FakeVllm()
+    tracker = tracker_on(fake, tmp_path, adapter_uri_prefixes=[str(store)])
+    offer(tracker, update(1, make_adapter(tmp_path / "outside")))
+    tracker._attempt()
+    assert tracker.failure.reason == "uri_not_allowed" and not tracker.ready()
+    assert "/v1/load_lora_adapter" not in fake.calls  # vLLM never asked
+    offer(tracker, update(2, make_adapter(store / "policy-v2")))
+    tracker._attempt()
+    assert tracker.ready() and tracker.current.version == 2

@@ -124,6 +124,8 @@ class Lineage:
                 "temperature": settings.temperature,
                 "concurrency": 32,
                 "adapter_cache_dir": str(self.dir / "adapter-cache"),
+                # Adapters only from this lineage's own checkpoint store.
+                "adapter_uri_prefixes": [str(self.dir / "checkpoints")],
                 # The loop publishes each round's prompts itself and drives the trainer.
                 "round_protocol": False,
                 **(sampler_extra or {}),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +166,19 @@ def same_base_model(published: str, served: set[str]) -> bool:
         return True
     tail = Path(published.rstrip("/")).name
     return bool(tail) and tail in {Path(s).name for s in names}
+
+
+def uri_allowed(uri: str, prefixes: Sequence[str]) -> bool:
+    """Whether ``uri`` lies under one of ``prefixes`` (the checkpoint store). Local paths are
+    compared resolved, so ``..`` cannot climb out; a remote URI must start with a prefix of
+    the same scheme."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).resolve()
+        for prefix in prefixes:
+            if "://" in prefix and not prefix.startswith("file://"):
+                continue
+            root = Path(prefix.removeprefix("file://")).resolve()
+            if path == root or root in path.parents:
+                return True
+        return False
+    return any("://" in prefix and uri.startswith(prefix.rstrip("/") + "/") for prefix in prefixes)

@@ -33,6 +33,7 @@ class SamplerService(Processor[Prompt]):
             api_key=api_key,
             adapter_prefix=settings.adapter_prefix,
             max_lora_rank=settings.max_lora_rank,
+            adapter_uri_prefixes=settings.adapter_uri_prefixes,
             retry_initial_s=settings.policy_retry_initial_s,
             retry_max_s=settings.policy_retry_max_s,
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from onpolicy_sampler.adapters import (
     fetch_adapter,
     permanent,
     same_base_model,
+    uri_allowed,
 )
 from onpolicy_sampler.served import ServedModels
 
@@ -59,6 +61,7 @@ FAILURE_REASONS = (
     "rank",
     "base_model",
     "full_checkpoint",
+    "uri_not_allowed",
     "bad_adapter",
     "error",
 )
@@ -98,6 +101,7 @@ class PolicyTracker:
         api_key: str | None = None,
         adapter_prefix: str = "policy",
         max_lora_rank: int = 16,
+        adapter_uri_prefixes: Sequence[str] = (),
         retry_initial_s: float = 0.5,
         retry_max_s: float = 15.0,
     ):
@@ -109,6 +113,12 @@ class PolicyTracker:
         self.keep_adapters = keep_adapters
         self.adapter_prefix = adapter_prefix
         self.max_lora_rank = max_lora_rank
+        self.adapter_uri_prefixes = tuple(adapter_uri_prefixes)
+        if not self.adapter_uri_prefixes:
+            log.warning(
+                "adapter_uri_prefixes is empty: adapters are loaded from any URI a policy "
+                "update names; set it to the checkpoint store (e.g. /checkpoints/ or s3://...)"
+            )
         self.cache_dir = cache_dir
         self.producer = producer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -152,6 +162,15 @@ class PolicyTracker:
                 f"policy v{update.version} is a full checkpoint ({update.checkpoint_uri}), "
                 "which the sampler cannot hot-load (vLLM's runtime API loads LoRA adapters "
                 "only): train LoRA adapters, or reload full weights some other way",
+            )
+        if self.adapter_uri_prefixes and not uri_allowed(
+            update.adapter_uri, self.adapter_uri_prefixes
+        ):
+            raise permanent(
+                "uri_not_allowed",
+                f"policy v{update.version} names {update.adapter_uri!r}, outside the checkpoint "
+                "store this sampler loads from (adapter_uri_prefixes "
+                f"{list(self.adapter_uri_prefixes)})",
             )
         path = fetch_adapter(update.adapter_uri, self.cache_dir)
         check_rank(adapter_config(path), self.max_lora_rank, str(path))

@@ -64,6 +64,12 @@ class SamplerSettings(ServiceSettings):
     policy_retry_max_s: float = Field(
         15.0, gt=0, description="longest delay between retries of a policy (never gives up)"
     )
+    adapter_uri_prefixes: list[str] = Field(
+        default_factory=list,
+        description="load adapters only from under these (the checkpoint store: a folder, "
+        "s3://bucket/run/ ...); a policy update naming another URI is refused (not ready, "
+        "policy_load_failures_total{reason=uri_not_allowed}). Empty: any (warned at start)",
+    )
     keep_adapters: int = Field(2, ge=1, description="LoRA adapters kept loaded in vLLM")
     adapter_cache_dir: Path = Field(
         Path("/tmp/onpolicy-adapters"), description="where remote (fsspec) adapters are fetched"
