@@ -66,8 +66,10 @@ def deployment(kafka, vllm, model_dir, tmp_path_factory):
         sampler={
             "vllm_url": vllm.url,
             "num_samples": 3,
-            "max_tokens": 48,
-            "max_prompt_tokens": 96,
+            # Room for most answers to end (SmolLM2 averages ~58 tokens): at 48 most groups
+            # had no finished answer, so no pair, and a round needed most of the prompts.
+            "max_tokens": 96,
+            "max_prompt_tokens": 64,  # the demo prompts have at most 60 tokens
             "concurrency": 8,
             # Unique per test: the session's vLLM serves other tests' adapters too.
             "adapter_prefix": f"{topics.prefix.strip('.')}-policy",
@@ -80,7 +82,7 @@ def deployment(kafka, vllm, model_dir, tmp_path_factory):
             "checkpoint_uri": str(tmp / "checkpoints"),
             "round_size": ROUND_SIZE,
             "round_timeout_s": 60.0,
-            "max_length": 144,
+            "max_length": 160,
             "learning_rate": 1e-3,
             "per_device_batch_size": 2,
         },

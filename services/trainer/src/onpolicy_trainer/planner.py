@@ -40,6 +40,7 @@ from onpolicy_trainer.settings import TrainerSettings
 log = logging.getLogger(__name__)
 
 EVAL_SPLIT = "eval"
+PRIOR_PROMPTS = 4
 
 
 @dataclass
@@ -194,15 +195,16 @@ class RoundPlanner:
 
     # ------------------------------------------------------------------ state
     def yield_per_prompt(self) -> float:
-        """Pairs per training prompt in the rounds judged so far (1.0 before any: best vs
-        worst makes at most one per prompt by default)."""
+        """Pairs per judged training prompt so far, smoothed towards one (best vs worst
+        makes at most one per prompt by default) by a prior worth ``PRIOR_PROMPTS`` prompts,
+        so that the first few prompts' ties do not make the planner take the whole topic."""
         assert self.view is not None
         made = prompts = 0
         for plan in self.book.plans.values():
             status = self.status(plan)
             made += len(status.pair_ids)
             prompts += status.done_train
-        return max(made / prompts, 0.1) if prompts else 1.0
+        return max((made + PRIOR_PROMPTS) / (prompts + PRIOR_PROMPTS), 0.05)
 
     def status(self, plan: m.RoundPlan) -> RoundStatus:
         assert self.view is not None
@@ -325,7 +327,9 @@ class RoundPlanner:
         for p, low in self.view.low.items():  # type: ignore[union-attr]
             current.setdefault(p, low)
             starts.setdefault(p, low)
-        ends = self._next_prompts(current, math.ceil(short / yield_))
+        # At most two rounds' worth at a time: the estimate firms up as they are judged.
+        more = min(math.ceil(short / yield_), 2 * self.settings.round_size)
+        ends = self._next_prompts(current, more)
         if ends == current:
             return  # nothing more published: the round waits, or times out
         self._publish(
