@@ -608,7 +608,7 @@ def test_a_fence_holds_each_partition_at_its_offset_until_it_moves(kafka, topics
         )
         wait_until(lambda: committed(kafka, group, source) == {0: 2, 1: 4}, 30, "commits")
         fences[0] = 6
-        wait_until(lambda: len(handled) == 8, 30, "partition 0 released")
+        wait_until(lambda: len(handled) == 10, 30, "partition 0 released")
         assert committed(kafka, group, source).get(1) == 4
         fences[1] = 6
         wait_until(lambda: len(handled) == 12, 30, "partition 1 released")
