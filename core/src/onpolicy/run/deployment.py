@@ -81,9 +81,10 @@ class Deployment:
         assert proc is not None
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        self.services[name].log.close()
 
     def restart(self, name: str) -> None:
+        """Start a killed replica again now (``wait`` would also restart it, after its
+        back-off, as Kubernetes restarts a crashed pod)."""
         self.services[name].start()
 
     def stop(self) -> dict[str, int | None]:
