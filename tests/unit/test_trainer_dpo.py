@@ -54,3 +54,23 @@ def test_round_metrics_average_logged_steps_and_keep_the_last():
     assert metrics["rewards/margins"] == 0.5 and metrics["last/rewards/margins"] == 1.0
     assert metrics["rewards/accuracies"] == 0.5
     assert "rewards/chosen" not in metrics  # absent from the log, absent from the result
+
+
+def test_a_sampler_budget_over_max_length_is_said_once_naming_both_settings(caplog):
+    from onpolicy_trainer.rounds import RoundRunner
+    from onpolicy_trainer.settings import TrainerSettings
+
+    runner = RoundRunner.__new__(RoundRunner)
+    runner.settings = TrainerSettings(model="m", max_length=16)
+    runner._budget_warned = False
+    fits = _pair([1] * 4, [2], [3])
+    fits.sampling.max_tokens = 12
+    runner._check_budget(fits)
+    assert not caplog.records  # 4 + 12 fits 16
+    over = _pair([1] * 8, [2], [3])
+    over.sampling.max_tokens = 12
+    runner._check_budget(over)
+    runner._check_budget(over)
+    [record] = caplog.records
+    assert "sampler.max_tokens (12)" in record.message
+    assert "trainer.max_length (16)" in record.message

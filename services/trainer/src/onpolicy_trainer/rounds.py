@@ -123,6 +123,7 @@ class RoundRunner:
         self.buffer: list[tuple[m.PreferencePair, asyncio.Future[None]]] = []
         self.dropped = {"stale": 0, "duplicate": 0, "too_long": 0, "no_token_ids": 0}
         self.rejected: set[str] = set()  # ids of dropped pairs (a planned round skips them)
+        self._budget_warned = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -227,6 +228,7 @@ class RoundRunner:
         if verdict != "ok":
             self._drop(verdict, pair)
             return []  # nothing to train: its offset may commit
+        self._check_budget(pair)
         future: asyncio.Future[None] = self._loop.create_future()
         self.claimed.add(pair.id)
         self.buffer.append((pair, future))
@@ -239,6 +241,24 @@ class RoundRunner:
             self._timer = self._loop.call_later(self.settings.round_timeout_s, self._on_timeout)
         await future  # resolved once the round is saved and published; raises if it failed
         return []
+
+    def _check_budget(self, pair: m.PreferencePair) -> None:
+        """Say once, naming both settings, when the sampler may draw pairs this trainer must
+        drop: its prompt plus the sampler's max_tokens exceed max_length (a deployment's
+        services do not share settings; the pairs carry the sampler's)."""
+        worst = len(pair.prompt_token_ids) + pair.sampling.max_tokens
+        if self._budget_warned or not pair.sampling.max_tokens or worst <= self.settings.max_length:
+            return
+        self._budget_warned = True
+        log.warning(
+            "sampler.max_tokens (%d) + this pair's prompt (%d tokens) = %d exceeds "
+            "trainer.max_length (%d): answers that use their budget will be dropped as "
+            "too_long. Raise trainer.max_length or lower sampler.max_prompt_tokens / max_tokens",
+            pair.sampling.max_tokens,
+            len(pair.prompt_token_ids),
+            worst,
+            self.settings.max_length,
+        )
 
     def _drop(self, reason: str, pair: m.PreferencePair) -> None:
         self.dropped[reason] += 1
