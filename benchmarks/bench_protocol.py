@@ -32,6 +32,7 @@ from onpolicy.settings import KafkaSettings, TopicSettings, load_settings
 from onpolicy.stack import KafkaBroker, StackSettings, VllmServer, ensure_default_model
 
 ROUNDS, ROUND_SIZE = 3, 8
+IDLE_S = 240.0
 
 
 def _dropped(trainer_url: str, reason: str) -> float:
@@ -84,9 +85,23 @@ def one_run(
         def versions() -> int:
             return len(list(read_topic(kafka, topics.name("policy"), m.PolicyUpdate)))
 
-        deployment.wait(lambda: versions() >= ROUNDS, 3600, f"{ROUNDS} policies")
-        if not protocol:
-            time.sleep(20)  # let the samplers finish what they took, as the drops show
+        def groups() -> int:
+            return len(list(read_topic(kafka, topics.name("scored"), m.ScoredGroup)))
+
+        last = {"versions": -1, "at": time.monotonic()}
+
+        def done() -> bool:
+            # Three policies; or (without the protocol) every prompt sampled and judged and
+            # no new policy for IDLE_S: the stale pairs leave it no fresh pairs for a round.
+            v = versions()
+            if v != last["versions"]:
+                last.update(versions=v, at=time.monotonic())
+            if v >= ROUNDS:
+                return True
+            idle = time.monotonic() - last["at"] > IDLE_S
+            return not protocol and idle and groups() >= n
+
+        deployment.wait(done, 3600, f"{ROUNDS} policies")
         stale = _dropped(deployment["trainer"].url, "stale")
     finally:
         deployment.stop()
