@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import httpx
 from kafka import KafkaProducer
 
 from onpolicy import messages as m
@@ -33,12 +32,6 @@ from onpolicy.stack import KafkaBroker, StackSettings, VllmServer, ensure_defaul
 
 ROUNDS, ROUND_SIZE = 3, 8
 IDLE_S = 240.0
-
-
-def _dropped(trainer_url: str, reason: str) -> float:
-    text = httpx.get(f"{trainer_url}/metrics", timeout=10).text
-    key = f'onpolicy_trainer_pairs_dropped_total{{reason="{reason}"}} '
-    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(key)), 0)
 
 
 def one_run(
@@ -102,7 +95,7 @@ def one_run(
             return not protocol and idle and groups() >= n
 
         deployment.wait(done, 3600, f"{ROUNDS} policies")
-        stale = _dropped(deployment["trainer"].url, "stale")
+        stale = deployment["trainer"].metric("onpolicy_trainer_pairs_dropped_total", reason="stale")
     finally:
         deployment.stop()
     wall = time.monotonic() - started

@@ -20,7 +20,6 @@ from onpolicy import messages as m
 from onpolicy.bus import ensure_topics, read_topic
 from onpolicy.run.accounting import audit, trained_rows
 from onpolicy.run.deployment import Deployment
-from onpolicy.run.procs import ServiceProcess
 from onpolicy.settings import TopicSettings
 
 # Three real rounds (sampling, judging, DPO) of five services on two cores.
@@ -39,14 +38,6 @@ def _publish_json_lines(kafka, topic: str, n: int) -> None:
         producer.send(topic, line.encode())
     producer.flush(30)
     producer.close()
-
-
-def _metric(service: ServiceProcess, name: str, labels: str = "") -> float:
-    text = service.get("/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.split()[-1])
-    return 0.0
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +95,8 @@ def deployment(kafka, vllm, model_dir, tmp_path_factory):
         services.wait(lambda: len(versions()) >= ROUNDS, 1200, f"policy v{ROUNDS}")
         # What the trainer counted, before the services stop.
         counters = {
-            reason: _metric(
-                services["trainer"],
-                "onpolicy_trainer_pairs_dropped_total",
-                f'{{reason="{reason}"}}',
+            reason: services["trainer"].metric(
+                "onpolicy_trainer_pairs_dropped_total", reason=reason
             )
             for reason in ("stale", "duplicate", "too_long", "no_token_ids")
         }

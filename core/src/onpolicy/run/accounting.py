@@ -19,6 +19,7 @@ from typing import Any
 
 from onpolicy import messages as m
 from onpolicy.bus import read_topic
+from onpolicy.rounds import RoundBook
 from onpolicy.settings import KafkaSettings, TopicSettings
 
 
@@ -56,10 +57,9 @@ def trained_rows(checkpoints: Path) -> dict[int, list[dict[str, Any]]]:
 
 
 def audit(kafka: KafkaSettings, topics: TopicSettings, checkpoints: Path) -> Audit:
-    plans: dict[int, m.RoundPlan] = {}
+    plans = RoundBook()  # the newest plan of each round, as the samplers see them
     for r in read_topic(kafka, topics.name("rounds"), m.RoundPlan):
-        if r.message.round not in plans or r.message.seq > plans[r.message.round].seq:
-            plans[r.message.round] = r.message
+        plans.add(r.message)
     rows = trained_rows(checkpoints)
     trained = {row["pair_id"] for rs in rows.values() for row in rs}
     last_trained = max(rows, default=0)
@@ -81,13 +81,6 @@ def audit(kafka: KafkaSettings, topics: TopicSettings, checkpoints: Path) -> Aud
         if d.message.source_topic == topics.name("prompts")
     }
 
-    def plan_of(partition: int, offset: int) -> m.RoundPlan | None:
-        for plan in plans.values():
-            for rng in plan.ranges:
-                if rng.partition == partition and rng.start <= offset < rng.end:
-                    return plan
-        return None
-
     out = Audit(sampled_groups=len(seen), trained_pairs=len(trained))
     out.rounds_trained = sorted(rows)
     for record in read_topic(kafka, topics.name("prompts"), m.Prompt):
@@ -95,7 +88,7 @@ def audit(kafka: KafkaSettings, topics: TopicSettings, checkpoints: Path) -> Aud
             continue
         out.published_prompts += 1
         where = (record.partition, record.offset)
-        plan = plan_of(*where)
+        plan = plans.covering(*where)
         sampled = groups.get(where, [])
         if plan is not None:
             out.off_plan_groups += sum(g.policy_version < plan.sample_version for g in sampled)

@@ -182,6 +182,18 @@ class ServiceProcess:
     def post(self, path: str, timeout: float = 30.0) -> httpx.Response:
         return httpx.post(self.url + path, timeout=timeout)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the service's /metrics (0 when it has none yet)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
     def ready(self) -> bool:
         try:
             return self.get("/readyz", timeout=3).status_code == 200
