@@ -21,6 +21,7 @@ The optimizer state does not carry over between rounds (a fresh AdamW each round
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -120,6 +121,7 @@ class RoundAborted(Exception):
     """The service is stopping: the round was cut short, and nothing of it is saved."""
 
 
+@functools.cache
 def _trainer_class() -> type:
     """TRL's DPOTrainer, handed rows already in its token-id form.
 
@@ -127,22 +129,16 @@ def _trainer_class() -> type:
     tokenize text; the rows here are the sampled ids, so it is skipped (TRL itself skips it
     for vision datasets). Everything else (collator, loss, reference) is TRL's own.
     """
-    global _TOKEN_DPO_TRAINER
-    if _TOKEN_DPO_TRAINER is None:
-        from trl import DPOTrainer
+    from trl import DPOTrainer
 
-        class TokenDPOTrainer(DPOTrainer):
-            def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
-                missing = set(TOKEN_COLUMNS) - set(dataset.column_names)
-                if missing:
-                    raise ValueError(f"rows lack the token columns {sorted(missing)}")
-                return dataset
+    class TokenDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            missing = set(TOKEN_COLUMNS) - set(dataset.column_names)
+            if missing:
+                raise ValueError(f"rows lack the token columns {sorted(missing)}")
+            return dataset
 
-        _TOKEN_DPO_TRAINER = TokenDPOTrainer
-    return _TOKEN_DPO_TRAINER
-
-
-_TOKEN_DPO_TRAINER: type | None = None
+    return TokenDPOTrainer
 
 
 def build_trainer(

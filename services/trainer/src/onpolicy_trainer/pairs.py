@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Sequence, Sized
 from typing import Any, Literal
 
 from onpolicy import messages as m
@@ -65,16 +65,18 @@ def to_rows(pairs: Sequence[m.PreferencePair]) -> list[Row]:
     return [to_row(p, conversational) for p in pairs]
 
 
+def _longer(prompt: Sized, chosen: Sized, rejected: Sized) -> int:
+    return len(prompt) + max(len(chosen), len(rejected))
+
+
 def sequence_length(row: Row) -> int:
     """The longer of the row's two training sequences, in tokens."""
-    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+    return _longer(row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
 
 
 def pair_length(pair: m.PreferencePair) -> int:
     """:func:`sequence_length` of a pair's sampled ids."""
-    return len(pair.prompt_token_ids) + max(
-        len(pair.chosen_token_ids), len(pair.rejected_token_ids)
-    )
+    return _longer(pair.prompt_token_ids, pair.chosen_token_ids, pair.rejected_token_ids)
 
 
 def min_version(current: int, max_staleness: int) -> int:
