@@ -43,6 +43,10 @@ def policy_id(version: int) -> str:
     return f"policy-v{version}"
 
 
+def eval_id(version: int) -> str:
+    return f"eval-v{version}"
+
+
 def round_plan_id(round_: int, seq: int) -> str:
     return f"round-{round_}-{seq}"
 

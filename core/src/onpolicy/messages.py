@@ -18,6 +18,8 @@ from onpolicy.v1.messages_pb2 import (
     Completion,
     CompletionGroup,
     DeadLetter,
+    EvalLabelStats,
+    EvalResult,
     OffsetRange,
     PolicyUpdate,
     PreferencePair,
@@ -34,6 +36,8 @@ __all__ = [
     "Completion",
     "CompletionGroup",
     "DeadLetter",
+    "EvalLabelStats",
+    "EvalResult",
     "OffsetRange",
     "PolicyUpdate",
     "PreferencePair",
@@ -128,6 +132,13 @@ def _round_plan(p: RoundPlan) -> None:
         p.id = ids.round_plan_id(p.round, p.seq)
 
 
+def _eval_result(e: EvalResult) -> None:
+    if e.version < 0:
+        raise InvalidRecord(f"evaluated version must be >= 0, got {e.version}")
+    if not e.id:
+        e.id = ids.eval_id(e.version)
+
+
 def _dead_letter(d: DeadLetter) -> None:
     if not d.id:
         d.id = ids.dead_letter_id(d.source_topic, d.partition, d.offset)
@@ -141,6 +152,7 @@ _VALIDATORS: dict[str, Callable[[Message], None]] = {
     PolicyUpdate.DESCRIPTOR.full_name: _policy,
     DeadLetter.DESCRIPTOR.full_name: _dead_letter,
     RoundPlan.DESCRIPTOR.full_name: _round_plan,
+    EvalResult.DESCRIPTOR.full_name: _eval_result,
 }
 
 

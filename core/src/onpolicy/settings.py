@@ -25,8 +25,22 @@ from pydantic_settings import (
 )
 
 SHARED_SECTIONS = ("kafka", "topics", "log")
-TOPIC_KINDS = ("prompts", "completions", "scored", "pairs", "policy", "rounds", "dlq")
-TopicKind = Literal["prompts", "completions", "scored", "pairs", "policy", "rounds", "dlq"]
+# `heldout`: the evaluation prompts (never trained), sampled again by every policy version;
+# `evals`: one EvalResult per version.
+TOPIC_KINDS = (
+    "prompts",
+    "completions",
+    "scored",
+    "pairs",
+    "policy",
+    "rounds",
+    "heldout",
+    "evals",
+    "dlq",
+)
+TopicKind = Literal[
+    "prompts", "completions", "scored", "pairs", "policy", "rounds", "heldout", "evals", "dlq"
+]
 
 _config_file: ContextVar[Path | None] = ContextVar("onpolicy_config_file", default=None)
 

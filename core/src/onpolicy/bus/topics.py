@@ -18,9 +18,11 @@ def topic_configs(kind: str, topics: TopicSettings, kafka: KafkaSettings) -> dic
         # The broker must accept every record the producer may send.
         "max.message.bytes": str(kafka.max_request_size),
     }
-    if kind in ("policy", "rounds", "dlq"):
+    if kind in ("policy", "rounds", "heldout", "evals", "dlq"):
         # The policy and round history must survive (a restarted sampler replays them to find
-        # the newest policy and what it may sample) and dead letters wait for a person.
+        # the newest policy and what it may sample), every new version samples the held-out
+        # prompts from the beginning, evaluations are the run's record, and dead letters wait
+        # for a person.
         configs["retention.ms"] = "-1"
     return configs
 
@@ -33,8 +35,8 @@ def ensure_topics(kafka: KafkaSettings, topics: TopicSettings) -> list[str]:
         new = [
             NewTopic(
                 topics.name(kind),  # type: ignore[arg-type]
-                # One partition keeps policy updates and round plans totally ordered.
-                num_partitions=1 if kind in ("policy", "rounds") else topics.partitions,
+                # One partition keeps policy updates, round plans and evaluations ordered.
+                num_partitions=1 if kind in ("policy", "rounds", "evals") else topics.partitions,
                 replication_factor=topics.replication_factor,
                 topic_configs=topic_configs(kind, topics, kafka),
             )

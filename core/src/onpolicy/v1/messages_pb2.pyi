@@ -187,7 +187,7 @@ class PreferencePair(_message.Message):
     def __init__(self, id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., chosen_score: _Optional[float] = ..., rejected_score: _Optional[float] = ..., margin: _Optional[float] = ..., judge_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., group_id: _Optional[str] = ..., scored_id: _Optional[str] = ..., chosen_index: _Optional[int] = ..., rejected_index: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., chosen_token_ids: _Optional[_Iterable[int]] = ..., rejected_token_ids: _Optional[_Iterable[int]] = ..., chosen_finish_reason: _Optional[str] = ..., rejected_finish_reason: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("id", "version", "adapter_uri", "checkpoint_uri", "base_model", "metrics", "created_unix_ms", "num_pairs")
+    __slots__ = ("id", "version", "adapter_uri", "checkpoint_uri", "base_model", "metrics", "created_unix_ms", "num_pairs", "restored_version", "rejected_version")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_URI_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,8 @@ class PolicyUpdate(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     adapter_uri: str
@@ -204,7 +206,59 @@ class PolicyUpdate(_message.Message):
     metrics: _struct_pb2.Struct
     created_unix_ms: int
     num_pairs: int
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., adapter_uri: _Optional[str] = ..., checkpoint_uri: _Optional[str] = ..., base_model: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., num_pairs: _Optional[int] = ...) -> None: ...
+    restored_version: int
+    rejected_version: int
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., adapter_uri: _Optional[str] = ..., checkpoint_uri: _Optional[str] = ..., base_model: _Optional[str] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., num_pairs: _Optional[int] = ..., restored_version: _Optional[int] = ..., rejected_version: _Optional[int] = ...) -> None: ...
+
+class EvalLabelStats(_message.Message):
+    __slots__ = ("label", "prompts", "mean", "se")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    SE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    prompts: int
+    mean: float
+    se: float
+    def __init__(self, label: _Optional[str] = ..., prompts: _Optional[int] = ..., mean: _Optional[float] = ..., se: _Optional[float] = ...) -> None: ...
+
+class EvalResult(_message.Message):
+    __slots__ = ("id", "version", "mean", "se", "prompts", "expected", "samples", "finished_rate", "mean_tokens", "labels", "complete", "verdict", "best_version", "best_mean", "best_se", "judge_id", "created_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    SE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    BEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BEST_MEAN_FIELD_NUMBER: _ClassVar[int]
+    BEST_SE_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    mean: float
+    se: float
+    prompts: int
+    expected: int
+    samples: int
+    finished_rate: float
+    mean_tokens: float
+    labels: _containers.RepeatedCompositeFieldContainer[EvalLabelStats]
+    complete: bool
+    verdict: str
+    best_version: int
+    best_mean: float
+    best_se: float
+    judge_id: str
+    created_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., mean: _Optional[float] = ..., se: _Optional[float] = ..., prompts: _Optional[int] = ..., expected: _Optional[int] = ..., samples: _Optional[int] = ..., finished_rate: _Optional[float] = ..., mean_tokens: _Optional[float] = ..., labels: _Optional[_Iterable[_Union[EvalLabelStats, _Mapping]]] = ..., complete: _Optional[bool] = ..., verdict: _Optional[str] = ..., best_version: _Optional[int] = ..., best_mean: _Optional[float] = ..., best_se: _Optional[float] = ..., judge_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class OffsetRange(_message.Message):
     __slots__ = ("partition", "start", "end")

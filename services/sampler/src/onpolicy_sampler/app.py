@@ -8,6 +8,7 @@ from onpolicy.bus import Processor, ProcessorConfig, Producer
 from onpolicy.messages import Prompt
 from onpolicy.rounds import RoundFollower
 from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_sampler.evaluation import HeldOutSampler
 from onpolicy_sampler.policy import PolicyTracker
 from onpolicy_sampler.settings import SamplerSettings
 from onpolicy_sampler.vllm_client import VllmClient
@@ -66,6 +67,11 @@ class SamplerService(Processor[Prompt]):
         self._own_producer = True
         self.settings = settings
         self.metrics = metrics
+        self.heldout = (
+            HeldOutSampler(settings, self.sampler, self.tracker, metrics, producer, self._loop)
+            if settings.heldout
+            else None
+        )
 
     def vllm_ok(self) -> bool:
         try:
@@ -83,15 +89,20 @@ class SamplerService(Processor[Prompt]):
             "loaded": [p.model for p in tracker.loaded],
             "ready": tracker.ready(),
             "failure": failure.__dict__ if failure else None,
+            "heldout_version": self.heldout.version if self.heldout else None,
         }
 
     def run(self, install_signal_handlers: bool = True) -> None:
         self.tracker.start()
         if self.rounds is not None:
             self.rounds.start()
+        if self.heldout is not None:
+            self.heldout.start()
         try:
             super().run(install_signal_handlers)
         finally:
+            if self.heldout is not None:
+                self.heldout.stop()
             if self.rounds is not None:
                 self.rounds.stop()
             self.tracker.stop()

@@ -74,6 +74,14 @@ class SamplerSettings(ServiceSettings):
     adapter_cache_dir: Path = Field(
         Path("/tmp/onpolicy-adapters"), description="where remote (fsspec) adapters are fetched"
     )
+    heldout: bool = Field(
+        True,
+        description="sample the held-out prompts of the heldout topic with every policy "
+        "version served (the evaluation of each version; never trained on)",
+    )
+    heldout_concurrency: int = Field(
+        8, ge=1, description="held-out prompts in flight (they share vLLM with training ones)"
+    )
     round_protocol: bool = Field(
         True,
         description="sample only the prompts of the rounds the trainer announced on the "

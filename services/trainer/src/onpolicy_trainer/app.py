@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Query, Response
+from google.protobuf.json_format import MessageToDict
 
 from onpolicy import messages as m
 from onpolicy.bus import Processor, ProcessorConfig, Producer
 from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_trainer.evaluation import Evaluator
 from onpolicy_trainer.launch import train_fn
 from onpolicy_trainer.planner import RoundPlanner
 from onpolicy_trainer.rounds import RoundRunner
@@ -30,6 +32,21 @@ def add_routes(server: ServiceServer, runner: RoundRunner) -> None:
     server.app.add_api_route("/rounds/trigger", trigger, methods=["POST"])
     server.app.add_api_route("/policy", runner.policy, methods=["GET"])
 
+    def evals() -> dict[str, Any]:
+        evaluator = runner.evaluator
+        if evaluator is None:
+            return {"enabled": False, "results": []}
+        return {
+            "enabled": True,
+            "heldout_prompts": len(evaluator.heldout_ids),
+            "results": [
+                MessageToDict(evaluator.results[v], preserving_proto_field_name=True)
+                for v in sorted(evaluator.results)
+            ],
+        }
+
+    server.app.add_api_route("/evals", evals, methods=["GET"])
+
 
 class TrainerProcessor(Processor[m.PreferencePair]):
     """The pairs processor; under the round protocol the planner runs beside it."""
@@ -38,6 +55,9 @@ class TrainerProcessor(Processor[m.PreferencePair]):
     planner: RoundPlanner | None = None
 
     def run(self, install_signal_handlers: bool = True) -> None:
+        evaluator = self.runner.evaluator
+        if evaluator is not None:
+            evaluator.start()
         if self.planner is not None:
             self.planner.start()
         try:
@@ -45,12 +65,15 @@ class TrainerProcessor(Processor[m.PreferencePair]):
         finally:
             if self.planner is not None:
                 self.planner.stop()
+            if evaluator is not None:
+                evaluator.stop()
 
 
 def build(settings: TrainerSettings, metrics: Metrics, server: ServiceServer) -> TrainerProcessor:
     """The trainer's processor; recovers the current version before consuming."""
     producer = Producer(settings.kafka, client_id=settings.group_id)
-    runner = RoundRunner(settings, metrics, producer, train=train_fn(settings))
+    evaluator = Evaluator(settings, producer, metrics) if settings.evaluation.enabled else None
+    runner = RoundRunner(settings, metrics, producer, train=train_fn(settings), evaluator=evaluator)
     runner.recover()
     processor = TrainerProcessor(
         kafka=settings.kafka,
@@ -78,5 +101,7 @@ def build(settings: TrainerSettings, metrics: Metrics, server: ServiceServer) ->
     if settings.round_protocol:
         processor.planner = RoundPlanner(settings, runner, producer, metrics)
     server.add_check("store", lambda: runner.store.fs.exists(runner.store.root))
+    if evaluator is not None:
+        server.add_check("evaluator", evaluator.alive)
     add_routes(server, runner)
     return processor

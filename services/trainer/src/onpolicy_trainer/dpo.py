@@ -79,6 +79,16 @@ def lora_config(settings: TrainerSettings) -> Any:
     )
 
 
+def zero_adapter(settings: TrainerSettings, output_dir: Path) -> None:
+    """Save a fresh LoRA of the trainer's shape: PEFT starts B at zero, so it serves exactly
+    the base model (how a rollback to v0 is published like any other adapter)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(settings.model)
+    get_peft_model(model, lora_config(settings)).save_pretrained(output_dir)
+
+
 def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
     """Copy a saved adapter's weights into the model's (identically configured) adapter."""
     from peft import set_peft_model_state_dict

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from onpolicy import messages as m
 
 Row = dict[str, Any]
-Verdict = Literal["ok", "stale", "duplicate", "too_long", "no_token_ids"]
+Verdict = Literal["ok", "stale", "duplicate", "held_out", "too_long", "no_token_ids"]
 
 # The dataset's columns: the sampled token ids DPO trains, TRL's text preference format (to
 # read and reuse the dataset), then the pair's metadata.
@@ -99,6 +99,8 @@ def admit(
     """
     if pair.id in seen:
         return "duplicate"
+    if pair.prompt.dataset_split == "eval":
+        return "held_out"  # a held-out prompt is never trained on, whoever made the pair
     if pair.policy_version < min_version(current, max_staleness):
         return "stale"
     if not (pair.prompt_token_ids and pair.chosen_token_ids and pair.rejected_token_ids):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -33,7 +34,8 @@ from onpolicy import messages as m
 from onpolicy.bus import Output, Producer, Record, read_topic
 from onpolicy.telemetry import Metrics
 from onpolicy_trainer import hub
-from onpolicy_trainer.dpo import RoundAborted, RoundResult, train_round
+from onpolicy_trainer.dpo import RoundAborted, RoundResult, train_round, zero_adapter
+from onpolicy_trainer.evaluation import REJECTED, Evaluator
 from onpolicy_trainer.pairs import admit, min_version, pair_length, to_rows
 from onpolicy_trainer.settings import TrainerSettings
 from onpolicy_trainer.store import CheckpointStore, SavedRound
@@ -96,6 +98,9 @@ def policy_update(saved: SavedRound) -> m.PolicyUpdate:
         update.checkpoint_uri = saved.uri
     else:
         update.adapter_uri = saved.uri
+    if "restored_version" in saved.meta:
+        update.restored_version = int(saved.meta["restored_version"])
+        update.rejected_version = int(saved.meta["rejected_version"])
     return m.validate(update)
 
 
@@ -109,11 +114,14 @@ class RoundRunner:
         producer: Producer,
         store: CheckpointStore | None = None,
         train: TrainFn = train_round,
+        evaluator: Evaluator | None = None,
     ):
         self.settings = settings
         self.producer = producer
         self.store = store or CheckpointStore(settings.checkpoint_uri)
         self.train = train
+        # The regression guard asks it for the verdict of the policy that sampled a round.
+        self.evaluator = evaluator
         self.policy_topic = settings.topics.name("policy")
         self.current = 0
         self.latest: SavedRound | None = None
@@ -121,7 +129,14 @@ class RoundRunner:
         self.seen: set[str] = set()  # pair ids of saved rounds
         self.claimed: set[str] = set()  # pair ids buffered or in the running round
         self.buffer: list[tuple[m.PreferencePair, asyncio.Future[None]]] = []
-        self.dropped = {"stale": 0, "duplicate": 0, "too_long": 0, "no_token_ids": 0}
+        self.dropped = {
+            "stale": 0,
+            "duplicate": 0,
+            "held_out": 0,
+            "too_long": 0,
+            "no_token_ids": 0,
+            "rolled_back": 0,  # sampled by a policy the guard rejected
+        }
         self.rejected: set[str] = set()  # ids of dropped pairs (a planned round skips them)
         self._budget_warned = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -145,6 +160,9 @@ class RoundRunner:
         self.m_fill = metrics.gauge("buffer_fill_ratio", "Buffered pairs / round_size")
         self.m_version = metrics.gauge("policy_version", "Current policy version")
         self.m_pairs_per_s = metrics.gauge("pairs_per_second", "Last round's pairs/s")
+        self.m_rollbacks = metrics.counter(
+            "policy_rollbacks_total", "Versions published with an earlier version's weights"
+        )
         self.m_round = metrics.gauge("round_metric", "Last round's training metrics", ("name",))
         # The DPO headline figures, one gauge each (what dashboards plot per round).
         self.m_headline = {
@@ -335,9 +353,10 @@ class RoundRunner:
         if not keep:
             return
         pairs = [pair for pair, _ in keep]
+        restore = await self._guard()
         started = time.monotonic()
         try:
-            saved = await asyncio.to_thread(self._train_and_save, version, pairs)
+            saved = await asyncio.to_thread(self._train_and_save, version, pairs, restore)
         except Exception as exc:
             if isinstance(exc, RoundAborted):
                 log.warning("round for policy-v%d stopped at shutdown; not saved", version)
@@ -350,7 +369,13 @@ class RoundRunner:
                     future.set_exception(exc)
             return
         seconds = time.monotonic() - started
-        self.seen.update(p.id for p in pairs)
+        if restore is not None:
+            # Sampled by the rejected policy: no round of the restored one may train them.
+            for pair in pairs:
+                self._drop("rolled_back", pair)
+            self.m_rollbacks.inc()
+        else:
+            self.seen.update(p.id for p in pairs)
         self.claimed.difference_update(p.id for p in pairs)
         self.current = version
         self.latest = saved
@@ -365,6 +390,8 @@ class RoundRunner:
         for _, future in keep:
             if not future.done():
                 future.set_result(None)  # the processor may now commit these offsets
+        if restore is not None:
+            return
         self.m_rounds.inc()
         self.m_pairs.inc(len(pairs))
         self.m_round_s.observe(seconds)
@@ -375,22 +402,82 @@ class RoundRunner:
             if name in self.m_headline:
                 self.m_headline[name].set(value)
 
-    def _train_and_save(self, version: int, pairs: list[m.PreferencePair]) -> SavedRound:
+    async def _guard(self) -> tuple[int, int] | None:
+        """The regression guard, before a round trains on what ``self.current`` sampled:
+        ``(restored, rejected)`` versions when the evaluation rejected ``self.current``."""
+        evaluation = self.settings.evaluation
+        if self.evaluator is None or not evaluation.guard:
+            return None
+        version = self.current
+        result = await asyncio.to_thread(
+            self.evaluator.wait_result, version, evaluation.wait_s, self.stopping
+        )
+        if result is None:
+            if self.evaluator.heldout_ids:
+                log.warning(
+                    "no held-out evaluation of policy v%d within %.0fs: training unguarded",
+                    version,
+                    evaluation.wait_s,
+                )
+            return None
+        if result.verdict != REJECTED:
+            return None
+        log.warning(
+            "policy v%d was rejected by the guard: policy v%d gets the weights of v%d, and the "
+            "pairs v%d sampled are dropped (rolled_back)",
+            version,
+            version + 1,
+            result.best_version,
+            version,
+        )
+        return result.best_version, version
+
+    def _policy_dir(self, version: int, out: Path) -> None:
+        """Write policy ``version``'s weights to ``out``: its saved folder, or for v0 (the
+        base model) a LoRA whose B matrices are zero, which is the base model exactly."""
+        if version == 0:
+            if self.settings.full_finetune:
+                shutil.copytree(self.settings.model, out)
+            else:
+                zero_adapter(self.settings, out)
+            return
+        saved = next(r for r in self.store.rounds() if r.version == version)
+        self._cache.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self.store.fetch(saved, self._cache), out)
+
+    def _train_and_save(
+        self,
+        version: int,
+        pairs: list[m.PreferencePair],
+        restore: tuple[int, int] | None = None,
+    ) -> SavedRound:
+        """Train ``pairs`` into policy ``version`` and save it, or with ``restore``
+        (restored, rejected) save the restored version's weights as ``version`` instead."""
         rows = to_rows(pairs)
         previous = None
-        if self.latest is not None:
+        if self.latest is not None and restore is None:
             self._cache.mkdir(parents=True, exist_ok=True)
             previous = self.store.fetch(self.latest, self._cache)
         with tempfile.TemporaryDirectory(prefix="onpolicy-round-") as tmp:
-            result = self.train(
-                self.settings, rows, previous, Path(tmp) / "policy", should_stop=self.stopping
-            )
+            extra: dict[str, Any] = {}
+            if restore is None:
+                result = self.train(
+                    self.settings, rows, previous, Path(tmp) / "policy", should_stop=self.stopping
+                )
+            else:
+                self._policy_dir(restore[0], Path(tmp) / "policy")
+                result = RoundResult({}, Path(tmp) / "policy", 0, 0.0)
+                rows = []
+                extra = {"restored_version": restore[0], "rejected_version": restore[1]}
             meta = {
+                **extra,
                 "metrics": result.metrics,
                 "num_pairs": len(rows),
                 "base_model": self.settings.model,
                 "full_finetune": self.settings.full_finetune,
-                "previous_version": self.latest.version if self.latest else 0,
+                "previous_version": (
+                    restore[0] if restore else self.latest.version if self.latest else 0
+                ),
                 "created_unix_ms": int(time.time() * 1000),
                 "settings": self.settings.model_dump(
                     mode="json", exclude={"kafka", "topics", "log", "http"}

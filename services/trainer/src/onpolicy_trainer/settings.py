@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from onpolicy.budget import DEFAULT_MAX_LENGTH
 from onpolicy.settings import ServiceSettings
@@ -17,6 +17,41 @@ def _default_model() -> str:
     if path := os.environ.get("ONPOLICY_MODEL_PATH"):
         return path
     return str(default_home() / "models" / "SmolLM2-135M-Instruct")
+
+
+class EvaluationSettings(BaseModel):
+    """Held-out evaluation of every policy version, and the regression guard.
+
+    The guard is on by default: a deployment trains unattended, and a policy that scores
+    worse than an earlier one on prompts it never trained on (a judge being gamed, a bad
+    round) would otherwise be sampled and trained on by every later round. Rolling back costs
+    one round; not rolling back costs every round after it. With ``margin_se`` 2 an unchanged
+    policy is rolled back by chance in about 1 round in 40 (one-sided, normal scores).
+    """
+
+    enabled: bool = Field(
+        True, description="aggregate the held-out scores of each version into the evals topic"
+    )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="publish a version's evaluation partial (complete=false) this long after "
+        "its first held-out score, when some held-out prompts never get scored",
+    )
+    guard: bool = Field(
+        True,
+        description="roll back a version whose held-out score is below the best earlier "
+        "promoted version's by more than margin_se standard errors",
+    )
+    margin_se: float = Field(
+        2.0, ge=0, description="the guard's margin, in standard errors of the difference"
+    )
+    wait_s: float = Field(
+        600.0,
+        ge=0,
+        description="how long a round waits for the evaluation of the policy that sampled "
+        "it before training unguarded (logged)",
+    )
 
 
 class TrainerSettings(ServiceSettings):
@@ -95,6 +130,11 @@ class TrainerSettings(ServiceSettings):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="modules given a LoRA",
+    )
+
+    evaluation: EvaluationSettings = Field(
+        default_factory=EvaluationSettings,
+        description="held-out evaluation per version and the regression guard",
     )
 
     seed: int = 0
