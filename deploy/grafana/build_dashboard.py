@@ -107,8 +107,109 @@ class Dashboard:
         self.row_height = max(self.row_height, height)
 
 
+def evaluation_row(d: Dashboard) -> None:
+    """Is it getting better? The held-out evaluation of every version (trainer's evaluator)."""
+    d.row("Is it getting better?")
+    per_version = [
+        ("max by (version) (onpolicy_trainer_eval_reward)", "score"),
+        ("max by (version) (onpolicy_trainer_eval_reward_se)", "± se"),
+        ("max by (version) (onpolicy_trainer_eval_finished_rate)", "finished"),
+        ("max by (version) (onpolicy_trainer_eval_completion_tokens)", "tokens"),
+        ("max by (version) (onpolicy_trainer_eval_prompts)", "prompts"),
+        ("max by (version) (onpolicy_trainer_eval_rejected)", "rejected"),
+    ]
+    d.panel(
+        "Held-out evaluation per version",
+        per_version,
+        kind="table",
+        width=12,
+        description="Each policy version sampled on the held-out prompts (the heldout topic, "
+        "never trained on) and scored by the deployment's judge: mean score ± its standard "
+        "error (over prompts), answers that ended, mean length, prompts scored, and whether "
+        "the regression guard rejected the version (1: rolled back).",
+        extra={
+            "targets": [
+                {**target(e, legend, "ABCDEF"[i]), "instant": True, "range": False}
+                | {"format": "table"}
+                for i, (e, legend) in enumerate(per_version)
+            ],
+            "transformations": [
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True},
+                        "renameByName": {
+                            "Value #A": "score",
+                            "Value #B": "± se",
+                            "Value #C": "finished",
+                            "Value #D": "tokens",
+                            "Value #E": "prompts",
+                            "Value #F": "rejected",
+                        },
+                    },
+                },
+                {"id": "sortBy", "options": {"sort": [{"field": "version", "desc": True}]}},
+            ],
+        },
+    )
+    d.panel(
+        "Held-out score per version (± 2 standard errors)",
+        [
+            ("max by (version) (onpolicy_trainer_eval_reward)", "v{{version}}"),
+            (
+                "max by (version) (onpolicy_trainer_eval_reward - 2 * "
+                "onpolicy_trainer_eval_reward_se)",
+                "v{{version}} - 2se",
+            ),
+            (
+                "max by (version) (onpolicy_trainer_eval_reward + 2 * "
+                "onpolicy_trainer_eval_reward_se)",
+                "v{{version}} + 2se",
+            ),
+        ],
+        width=12,
+        description="One line per version from the moment it is evaluated; the guard rejects "
+        "a version whose score is below the best earlier one by more than its margin.",
+    )
+    d.panel(
+        "Versions rolled back",
+        [
+            ("sum(onpolicy_trainer_policy_rollbacks_total)", "rollbacks"),
+            ("max(onpolicy_trainer_eval_best_version)", "best version"),
+        ],
+        kind="stat",
+        description="Versions the trainer published with an earlier version's weights "
+        "because the held-out evaluation rejected the policy before (also annotated).",
+    )
+    d.panel(
+        "Share of judged pairs trained",
+        [
+            (
+                "sum(onpolicy_trainer_pairs_trained_total) / "
+                "clamp_min(sum(onpolicy_judge_pairs_produced_total), 1)",
+                "trained / judged",
+            ),
+            (
+                f"sum by (reason) (increase(onpolicy_trainer_pairs_dropped_total[{RATE}]))",
+                "dropped {{reason}}",
+            ),
+        ],
+        unit="short",
+        description="How much of the sampled and judged work ended in a round (the round "
+        "protocol keeps it near 1), and the pairs the trainer dropped, by reason.",
+    )
+    d.panel(
+        "Pairs' version lag",
+        quantiles("onpolicy_trainer_pair_version_lag"),
+        description="Trainer's current version minus the version that sampled each pair it "
+        "took: 0 is on-policy (strict), 1 one-step-off (max_staleness 1).",
+    )
+
+
 def build() -> dict[str, Any]:
     d = Dashboard()
+    evaluation_row(d)
 
     d.row("Throughput per stage")
     d.panel(
@@ -359,7 +460,19 @@ def build() -> dict[str, Any]:
         "version": 1,
         "time": {"from": "now-1h", "to": "now"},
         "timezone": "browser",
-        "annotations": {"list": []},
+        "annotations": {
+            "list": [
+                {
+                    "name": "Policy rolled back",
+                    "datasource": DS,
+                    "enable": True,
+                    "iconColor": "red",
+                    "expr": "changes(onpolicy_trainer_policy_rollbacks_total[1m]) > 0",
+                    "step": "30s",
+                    "titleFormat": "policy rolled back (regression guard)",
+                }
+            ]
+        },
         "links": [],
         "templating": {
             "list": [

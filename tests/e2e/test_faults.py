@@ -23,8 +23,8 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
     kafka, vllm, model_dir, stack_settings, tmp_path, monkeypatch
 ):
     """One run, two kills (to keep the wall time down): the judge once the sampler has
-    produced groups (it is judging them), the trainer 2 s into the round it was asked to
-    train (the run asks the restarted trainer again once it holds the round's pairs)."""
+    produced groups (it is judging them), the trainer 2 s into the round its planner handed
+    it (the restarted trainer recomputes the round from Kafka and trains it)."""
     killed: dict[str, int] = {}
     lineages: list[Lineage] = []
     start = Lineage.start
@@ -43,14 +43,18 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
             while time.monotonic() < deadline:
                 if list(read_topic(kafka, self.topics.name("completions"), m.CompletionGroup)):
                     kill(self, "judge")
+                    break
+                time.sleep(0.5)
+            # The trainer, 2 s into the round its planner handed it.
+            log = self.services["trainer"].log_file
+            while time.monotonic() < deadline:
+                if "training round 1 on" in log.read_text():
+                    time.sleep(2.0)
+                    kill(self, "trainer")
                     return
                 time.sleep(0.5)
 
         threading.Thread(target=when_sampled, daemon=True).start()
-
-    def status(message: str, **_: object) -> None:
-        if "DPO on" in message and "trainer" not in killed:
-            threading.Timer(2.0, kill, (lineages[0], "trainer")).start()
 
     monkeypatch.setattr(Lineage, "start", start_then_kill_the_judge)
     vllm.start()
@@ -73,7 +77,7 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
         trainer={"max_length": 144, "per_device_batch_size": 2},
     )
     stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
-    runner = Runner(settings, stack, status=status)
+    runner = Runner(settings, stack, status=lambda *a, **k: None)
     report = runner.run()
 
     assert report["error"] is None and not report["interrupted"]
@@ -89,10 +93,11 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
         assert f"--- onpolicy run: {service} exited with -9" in log
     # Every group was judged (the killed judge's unfinished ones by its successor), and the
     # round the killed trainer lost was trained by the next one: v1 is what round 1 sampled.
-    assert first["train_groups"] == 6 and first["eval_reward_mean"] is not None
+    assert first["train_groups"] >= 6 and first["eval_reward_mean"] is not None
     assert last["policy_version"] == 1 and last["eval_reward_mean"] is not None
     assert first["train_metrics"]
     trainer_log = (runner.run_dir / "onpolicy" / "trainer.log").read_text()
     before, after = trainer_log.split("--- onpolicy run: trainer exited with -9")
-    assert "DPO round on" not in before  # killed mid-round (a CPU round takes well over 2 s)
+    assert "training round 1 on" in before  # the planner had handed it the round ...
+    assert "DPO round on" not in before  # ... and it was killed mid-round (CPU: well over 2 s)
     assert after.count("DPO round on") == 1 and "published policy-v1" in after

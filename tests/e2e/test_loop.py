@@ -69,13 +69,50 @@ def test_policy_versions_go_0_1_2_and_round_two_is_sampled_by_v1(run, kafka):
         assert Path(u.adapter_uri, "adapter_config.json").exists()
     groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
     train = [g for g in groups if g.prompt.dataset_split == "train"]
-    assert {g.policy_version for g in train if g.prompt.round == 0} == {0}
-    assert {g.policy_version for g in train if g.prompt.round == 1} == {1}
+    # The round protocol, strict: round N trains only pairs sampled by v(N-1).
+    checkpoints = runner.run_dir / "onpolicy" / "checkpoints"
+    for u in updates:
+        trained = pq.read_table(checkpoints / "datasets" / f"round-{u.version}.parquet")
+        assert set(trained.column("policy_version").to_pylist()) == {u.version - 1}
     # The sampler's name for v1: the version and a digest of the adapter's files.
     v1 = adapter_name(1, content_digest(Path(updates[0].adapter_uri)))
-    assert {g.model for g in train if g.prompt.round == 1} == {v1}
+    assert {g.model for g in train if g.policy_version == 1} == {v1}
+    # The run was a client of the protocol: the trainer planned its rounds.
+    plans = [r.message for r in read_topic(kafka, prefix + "rounds", m.RoundPlan)]
+    assert {p.round for p in plans} >= {1, 2}
+    # The held-out prompts (their own topic) were sampled once by every version.
     evals = [g for g in groups if g.prompt.dataset_split == "eval"]
-    assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
+    assert {g.source.topic for g in evals} == {prefix + "heldout"}
+    per_version = {
+        v: sorted(g.prompt_id for g in evals if g.policy_version == v) for v in (0, 1, 2)
+    }
+    assert set(g.policy_version for g in evals) == {0, 1, 2}
+    assert per_version[0] == per_version[1] == per_version[2] and len(per_version[0]) == 4
+
+
+def test_one_evaluation_per_version_with_the_numbers_of_the_report(run, kafka):
+    """The services' EvalResult records are what the local report shows."""
+    runner, report = run
+    prefix = f"onpolicy.{runner.run_id}."
+    results = [r.message for r in read_topic(kafka, prefix + "evals", m.EvalResult)]
+    assert [e.version for e in results] == [0, 1, 2]
+    for e, row in zip(results, report["rounds"], strict=True):
+        assert e.complete and e.prompts == e.expected == 4 and e.samples == 8
+        assert e.verdict in ("promoted", "rejected")
+        assert row["eval_reward_mean"] == pytest.approx(e.mean)
+        assert row["eval_reward_se"] == pytest.approx(e.se)
+        assert row["eval_finished_rate"] == pytest.approx(e.finished_rate)
+        assert row["eval_verdict"] == e.verdict
+    # The judge scored those very groups: the mean is theirs, recomputed here.
+    scored = [r.message for r in read_topic(kafka, prefix + "scored", m.ScoredGroup)]
+    for e in results:
+        mine = [
+            s
+            for x in scored
+            if x.group.source.topic == prefix + "heldout" and x.group.policy_version == e.version
+            for s in x.scores
+        ]
+        assert len(mine) == e.samples and sum(mine) / len(mine) == pytest.approx(e.mean)
 
 
 def test_report_and_dataset_are_complete(run):
@@ -88,7 +125,7 @@ def test_report_and_dataset_are_complete(run):
             "policy_version",
             "pairs",
             "eval_reward_mean",
-            "eval_reward_std",
+            "eval_reward_se",
             "sampling_s",
             "judging_s",
             "training_s",
@@ -101,6 +138,7 @@ def test_report_and_dataset_are_complete(run):
     assert (runner.run_dir / "report.png").stat().st_size > 10_000
     assert (runner.run_dir.parent / "latest").resolve() == runner.run_dir
     everything = pq.read_table(runner.run_dir / "pairs.parquet").to_pylist()
+    # Every pair made was trained: the trainer planned no round past the run's last.
     rows = [r for r in everything if r["lineage"] == "onpolicy"]
     assert len(rows) == report["rounds"][0]["pairs"] + report["rounds"][1]["pairs"]
     assert len({r["pair_id"] for r in rows}) == len(rows)  # no pair twice
@@ -168,7 +206,7 @@ def test_offpolicy_lineage_trains_as_many_pairs_all_sampled_by_the_initial_polic
     groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
     assert {g.policy_version for g in groups if g.prompt.dataset_split == "train"} == {0}
     evals = [g for g in groups if g.prompt.dataset_split == "eval"]
-    assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
+    assert {g.policy_version for g in evals} == {0, 1, 2}
     # Round r trains as many pairs as the on-policy round r, while v0's pairs last.
     available = len(list(read_topic(kafka, prefix + "pairs", m.PreferencePair)))
     wanted = []
@@ -228,17 +266,21 @@ def test_overlap_mode_samples_the_next_round_while_training_one_step_off(overlap
     assert [r["policy_version"] for r in report["rounds"]] == [0, 1, 2]
     prefix = f"onpolicy.{runner.run_id}."
     groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
-    train = [g for g in groups if g.prompt.dataset_split == "train"]
-    # Round 1's prompts went out while v1 was training, so v0 sampled them (one-step-off) ...
-    assert {g.policy_version for g in train if g.prompt.round == 1} == {0}
-    # ... and the trainer (max_staleness 1) still trained on them: two versions published.
+    # Round 2 was planned as soon as round 1 was sampled, while v1 trained: for v0 ...
+    plans = [r.message for r in read_topic(kafka, prefix + "rounds", m.RoundPlan)]
+    assert min((p for p in plans if p.round == 2), key=lambda p: p.seq).sample_version == 0
+    # ... and the trainer (max_staleness 1) trained on what v0 sampled: one-step-off.
     updates = [r.message for r in read_topic(kafka, prefix + "policy", m.PolicyUpdate)]
-    assert [u.version for u in updates] == [1, 2]
-    assert report["rounds"][1]["pairs"] > 0 and updates[1].num_pairs == report["rounds"][1]["pairs"]
+    assert [u.version for u in updates] == [1, 2] and all(u.num_pairs > 0 for u in updates)
+    assert report["rounds"][1]["pairs"] == updates[1].num_pairs
+    checkpoints = runner.run_dir / "onpolicy" / "checkpoints"
+    second = pq.read_table(checkpoints / "datasets" / "round-2.parquet")
+    assert 0 in set(second.column("policy_version").to_pylist()) <= {0, 1}
     # Evaluation still measures each version itself.
     evals = [g for g in groups if g.prompt.dataset_split == "eval"]
-    assert {(g.prompt.round, g.policy_version) for g in evals} == {(0, 0), (1, 1), (2, 2)}
-    # The report says how much sampling ran during training.
-    assert report["rounds"][0]["overlap_s"] == 0.0
-    assert report["rounds"][1]["overlap_s"] > 0
-    assert report["overlap_saved_s"] == round(report["rounds"][1]["overlap_s"], 1)
+    assert {g.policy_version for g in evals} == {0, 1, 2}
+    # The report says how much sampling ran during training: v0 sampled round 2's prompts
+    # while the trainer trained round 1.
+    assert report["rounds"][0]["overlap_s"] > 0
+    total = sum(r["overlap_s"] for r in report["rounds"])
+    assert report["overlap_saved_s"] == round(total, 1)

@@ -24,11 +24,11 @@ class ScriptedLineage:
         self.rounds: list = []
         self.trained: list[int] = []
 
-    def publish(self, prompts: list) -> None:
+    def publish(self, prompts: list, kind: str = "prompts") -> None:
         self.published += prompts
 
-    def sample_and_judge(self, record, train, evaluation, published_earlier=0) -> None:
-        self.publish(evaluation + train)
+    def sample_and_judge(self, record, train, published_earlier=0) -> None:
+        self.publish(train)
 
     def wait(self, check, what: str) -> float:
         assert check(), what

@@ -43,7 +43,7 @@ def test_a_failed_stage_still_writes_the_report_of_the_finished_rounds(runner, m
     def one_round_then_timeout(self, lineage):
         lineage.rounds.append(
             RoundRecord(
-                round=0, policy_version=0, pairs=3, eval_reward_mean=0.5, eval_reward_std=0.1
+                round=0, policy_version=0, pairs=3, eval_reward_mean=0.5, eval_reward_se=0.1
             )
         )
         raise TimeoutError("timed out after 1800s waiting for round 1 samples")

@@ -281,7 +281,7 @@ def print_rounds(report: dict) -> None:
             reward = (
                 "-"
                 if r["eval_reward_mean"] is None
-                else f"{r['eval_reward_mean']:.3f} ± {r['eval_reward_std']:.3f}"
+                else f"{r['eval_reward_mean']:.3f} ± {r['eval_reward_se']:.3f}"
             )
             tokens = (
                 "-"
@@ -331,9 +331,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if settings.topics.create:
         ensure_topics(settings.kafka, settings.topics)
     producer = Producer(settings.kafka, client_id="onpolicy-publish")
-    topic = settings.topics.name("prompts")
+    topic = settings.topics.name("heldout" if args.heldout else "prompts")
+    prompts = source.prompts
+    if args.heldout:  # marked in the record too, though the samplers mark what they take
+        for p in prompts:
+            p.dataset_split = "eval"
     try:
-        futures = [producer.send(topic, p) for p in source.prompts]
+        futures = [producer.send(topic, p) for p in prompts]
         for future in futures:
             future.result(120)  # every record acknowledged, or the error surfaces
     finally:
@@ -458,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="validate and send prompts to the prompts topic")
     publish.add_argument("file", type=Path, help="JSONL, Parquet or a local dataset folder")
+    publish.add_argument(
+        "--heldout",
+        action="store_true",
+        help="publish to the heldout topic: evaluation prompts that every policy version "
+        "samples and that are never trained on",
+    )
     publish.set_defaults(func=cmd_publish)
 
     export = sub.add_parser("export", help="write the preference pairs as a TRL-ready dataset")

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.bus import Producer, ensure_topics
 from onpolicy.run.procs import RestartPolicy, ServiceProcess, wait_for
@@ -31,25 +32,22 @@ Status = Callable[[str], None]
 
 
 @dataclass
-class Ahead:
-    """The next round's training prompts, published early (overlap mode)."""
-
-    round: int
-    groups: int
-    published_at: float  # time.monotonic()
-
-
-@dataclass
 class RoundRecord:
     round: int
     policy_version: int
     pairs: int = 0
     train_groups: int = 0
     train_reward_mean: float | None = None
+    # The held-out evaluation of this version, as the services published it (EvalResult).
     eval_reward_mean: float | None = None
-    eval_reward_std: float | None = None
+    eval_reward_se: float | None = None
+    eval_prompts: int = 0
     eval_completion_tokens_mean: float | None = None
     eval_finished_rate: float | None = None
+    eval_verdict: str | None = None
+    # The guard rejected this round's policy: the next version carries the weights of this
+    # earlier one, and the round's pairs were dropped (rolled_back), not trained.
+    restored_version: int | None = None
     sampling_s: float = 0.0
     judging_s: float = 0.0
     training_s: float = 0.0
@@ -102,8 +100,14 @@ class Lineage:
         status: Status,
         sampler_extra: dict[str, Any] | None = None,
         trainer_extra: dict[str, Any] | None = None,
+        heldout: list[m.Prompt] | None = None,
+        protocol: bool = False,
     ):
         self.name = name
+        # The round protocol (the services plan, sample and train the rounds; the run
+        # publishes and watches) or rounds driven by the run (the off-policy comparison).
+        self.protocol = protocol
+        self.heldout = list(heldout or [])
         self.settings = settings
         self.dir = run_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +130,7 @@ class Lineage:
                 "adapter_cache_dir": str(self.dir / "adapter-cache"),
                 # Adapters only from this lineage's own checkpoint store.
                 "adapter_uri_prefixes": [str(self.dir / "checkpoints")],
-                # The loop publishes each round's prompts itself and drives the trainer.
-                "round_protocol": False,
+                "round_protocol": protocol,
                 **(sampler_extra or {}),
                 **settings.sampler,
             },
@@ -140,10 +143,14 @@ class Lineage:
             "trainer": {
                 "model": str(model_path),
                 "checkpoint_uri": str(self.dir / "checkpoints"),
-                # Rounds are triggered by the loop once every pair of the round is in.
-                "round_size": 100_000,
-                "round_protocol": False,
-                "round_timeout_s": 86_400.0,
+                # Protocol: the trainer plans rounds of prompts_per_round pairs (and trains a
+                # short one once the published prompts run out). Driven: the loop triggers
+                # each round once every pair of it is in.
+                "round_size": settings.prompts_per_round if protocol else 100_000,
+                "round_protocol": protocol,
+                "round_timeout_s": 30.0 if protocol else 86_400.0,
+                # The run's R rounds, then no more sampling (it evaluates the last version).
+                **({"max_version": settings.rounds} if protocol else {}),
                 "max_staleness": settings.max_staleness,
                 "seed": settings.seed,
                 **(trainer_extra or {}),
@@ -187,6 +194,10 @@ class Lineage:
         self.scored = TopicTail(self.kafka, self.topics.name("scored"), m.ScoredGroup)
         self.pairs = TopicTail(self.kafka, self.topics.name("pairs"), m.PreferencePair)
         self.policy = TopicTail(self.kafka, self.topics.name("policy"), m.PolicyUpdate)
+        self.evals = TopicTail(self.kafka, self.topics.name("evals"), m.EvalResult)
+        self.plans = TopicTail(self.kafka, self.topics.name("rounds"), m.RoundPlan)
+        # Before the services start, so that v0's evaluation expects every held-out prompt.
+        self.publish(self.heldout, "heldout")
         for service in self.services.values():
             service.start()
         self.status(f"[{self.name}] starting sampler, judge and trainer")
@@ -201,7 +212,7 @@ class Lineage:
             code = service.stop()
             if code not in (0, None):
                 log.warning("%s exited with %s; see %s", service.name, code, service.log_file)
-        for tail in ("completions", "scored", "pairs", "policy"):
+        for tail in ("completions", "scored", "pairs", "policy", "evals", "plans"):
             if hasattr(self, tail):
                 getattr(self, tail).close()
         if hasattr(self, "producer"):
@@ -212,7 +223,14 @@ class Lineage:
 
     # ------------------------------------------------------------------ views
     def refresh(self) -> None:
-        for tail in (self.completions, self.scored, self.pairs, self.policy):
+        for tail in (
+            self.completions,
+            self.scored,
+            self.pairs,
+            self.policy,
+            self.evals,
+            self.plans,
+        ):
             tail.refresh(timeout_ms=50)
 
     def sampler_version(self) -> int:
@@ -232,31 +250,31 @@ class Lineage:
         ]
 
     # ------------------------------------------------------------------ stages
-    def publish(self, prompts: list[m.Prompt]) -> None:
-        futures = [self.producer.send(self.topics.name("prompts"), p) for p in prompts]
+    def publish(self, prompts: list[m.Prompt], kind: str = "prompts") -> None:
+        futures = [self.producer.send(self.topics.name(kind), p) for p in prompts]  # type: ignore[arg-type]
         for future in futures:
             future.result(60)
 
     def sample_and_judge(
-        self,
-        record: RoundRecord,
-        train: list[m.Prompt],
-        evaluation: list[m.Prompt],
-        published_earlier: int = 0,
+        self, record: RoundRecord, train: list[m.Prompt], published_earlier: int = 0
     ) -> None:
-        """Publish a round's prompts and wait until every group is sampled and scored.
+        """Publish a round's training prompts; wait until every group is sampled and scored
+        and the services have published the evaluation of the round's policy.
 
+        The held-out prompts are on the `heldout` topic (published once, at the start): the
+        samplers sample them with every version they serve, the trainer's evaluator publishes
+        each version's EvalResult, the same evaluation a deployment runs.
         ``published_earlier`` counts this round's training prompts that went out before
         (overlap mode), which are waited for too.
         """
         r = record.round
         started = time.monotonic()
-        self.publish(evaluation + train)
-        want = len(train) + len(evaluation) + published_earlier
+        self.publish(train)
+        want = len(train) + published_earlier
         # Train groups of this round count only when this call waits for them: the off-policy
         # lineage publishes every round's train prompts up front, and counting those would end
         # its later waits before their evaluation is sampled.
-        splits = ("train", "eval") if train or published_earlier else ("eval",)
+        splits = ("train",) if train or published_earlier else ()
 
         def count(tail: TopicTail) -> int:
             return sum(len(self._of(tail, r, split)) for split in splits)
@@ -277,6 +295,9 @@ class Lineage:
                 f"{rate:.0f} tok/s, pairs so far {len(self.pairs.records)}"
             )
 
+        def evaluated() -> m.EvalResult | None:
+            return self.evals.by_id.get(ids.eval_id(record.policy_version))
+
         def sampled() -> bool:
             self.refresh()
             progress("sampling", produced())
@@ -289,39 +310,32 @@ class Lineage:
             self.refresh()
             have = count(self.scored)
             progress("judging", have)
-            return have >= want
+            return have >= want and (not self.heldout or evaluated() is not None)
 
-        self.wait(judged, f"round {r} scores")
+        self.wait(judged, f"round {r} scores and the evaluation of v{record.policy_version}")
         record.judging_s = time.monotonic() - started - record.sampling_s
         # Pairs go out with the scores; give the judge a moment to flush the last ones.
         time.sleep(0.5)
         self.refresh()
 
-        groups = self._of(self.completions, r, "train") + self._of(self.completions, r, "eval")
+        groups = self._of(self.completions, r, "train")
         record.completion_tokens = sum(c.num_tokens for g in groups for c in g.completions)
         train_scores = [s for x in self._of(self.scored, r, "train") for s in x.scores]
         record.train_groups = len(self._of(self.scored, r, "train"))
         record.train_reward_mean = statistics.fmean(train_scores) if train_scores else None
-        evals = self._of(self.scored, r, "eval")
-        eval_scores = [s for x in evals for s in x.scores]
-        if eval_scores:
-            record.eval_reward_mean = statistics.fmean(eval_scores)
-            record.eval_reward_std = statistics.pstdev(eval_scores)
-            comps = [c for x in evals for c in x.group.completions]
-            record.eval_completion_tokens_mean = statistics.fmean(c.num_tokens for c in comps)
-            record.eval_finished_rate = sum(c.finish_reason == "stop" for c in comps) / len(comps)
-            versions = {x.group.policy_version for x in evals}
-            if versions != {record.policy_version}:
-                log.warning("round %d evaluation sampled by versions %s", r, sorted(versions))
+        if (result := evaluated()) is not None:
+            record.eval_reward_mean = result.mean
+            record.eval_reward_se = result.se
+            record.eval_prompts = result.prompts
+            record.eval_completion_tokens_mean = result.mean_tokens
+            record.eval_finished_rate = result.finished_rate
+            record.eval_verdict = result.verdict
         record.pairs = len(self._of(self.pairs, r, "train"))
 
-    def train(self, record: RoundRecord, ahead: Ahead | None = None) -> float:
-        """Trigger a round on ``record.pairs`` pairs once the trainer holds them; wait for the
-        next policy to be published and loaded by the sampler.
-
-        ``ahead`` (overlap mode) names the next round's training prompts, already published:
-        returns how long the sampler worked on them before this round's policy was loaded.
-        """
+    def train(self, record: RoundRecord) -> None:
+        """Driven rounds (the off-policy comparison): trigger a round on ``record.pairs``
+        pairs once the trainer holds them; wait for the next policy to be published and
+        loaded by the sampler."""
         expected = record.pairs
         if expected == 0:
             # Every group tied (or failed): nothing to learn from, so no round and no new
@@ -331,19 +345,9 @@ class Lineage:
                 f"tied); the policy stays v{record.policy_version}",
                 final=True,
             )
-            return 0.0
+            return
         trainer = self.services["trainer"]
-        done_at: float | None = None
-
-        def watch_ahead() -> None:
-            nonlocal done_at
-            if ahead is not None and done_at is None:
-                self.completions.refresh(timeout_ms=50)
-                if len(self._of(self.completions, ahead.round, "train")) >= ahead.groups:
-                    done_at = time.monotonic()
-
-        def until(check: Callable[[], bool], what: str) -> None:
-            self.wait(lambda: (watch_ahead() or True) and check(), what)
+        until = self.wait
 
         triggered_on = -1  # the trainer process (its restart count) the round was triggered on
 
@@ -385,6 +389,13 @@ class Lineage:
         until(published, f"policy v{target}")
         record.training_s = time.monotonic() - started
         update = next(u for u in self.policy.records if u.version == target)
+        if update.HasField("restored_version"):
+            record.restored_version = update.restored_version
+            self.status(
+                f"[{self.name}] the guard rejected v{record.policy_version}: v{target} carries "
+                f"the weights of v{update.restored_version}",
+                final=True,
+            )
         record.train_metrics = {
             k: float(v) for k, v in update.metrics.items() if isinstance(v, int | float)
         }
@@ -392,11 +403,105 @@ class Lineage:
         self.status(f"[{self.name}] loading policy v{target} into vLLM")
         until(lambda: self.sampler_version() >= target, f"the sampler to load v{target}")
         record.loading_s = time.monotonic() - started
-        if ahead is None:
-            return 0.0
-        watch_ahead()
+
+    def watch(self, record: RoundRecord, final: bool) -> None:
+        """Round protocol: follow what the services do with policy ``record.policy_version``
+        until it is evaluated and (unless ``final``) the next version is published and served.
+
+        The figures come from the topics: the groups this version sampled, their scores and
+        pairs, the PolicyUpdate of the round it sampled for, its EvalResult; the times from
+        when this loop first saw each of them (it looks twice a second).
+        """
+        v = record.policy_version
+        target = v + 1
+        started = time.monotonic()
+        last_group = last_score = published_at = None
+        counts = (0, 0)
+        arrivals: list[float] = []  # when new groups of this version were seen
+
+        def mine(tail: TopicTail) -> list:
+            def group_of(x):
+                return x.group if isinstance(x, m.ScoredGroup) else x
+
+            return [
+                x
+                for x in tail.records
+                if group_of(x).policy_version == v and group_of(x).prompt.dataset_split == "train"
+            ]
+
+        def update() -> m.PolicyUpdate | None:
+            return next((u for u in self.policy.records if u.version == target), None)
+
+        def done() -> bool:
+            nonlocal last_group, last_score, published_at, counts
+            self.refresh()
+            now = time.monotonic()
+            have = (len(mine(self.completions)), len(mine(self.scored)))
+            if have[0] > counts[0]:
+                last_group = now
+                arrivals.append(now)
+            if have[1] > counts[1]:
+                last_score = now
+            counts = have
+            plan = max(
+                (p for p in self.plans.records if p.round == target),
+                key=lambda p: p.seq,
+                default=None,
+            )
+            evaluated = self.evals.by_id.get(ids.eval_id(v)) is not None or not self.heldout
+            if final:
+                self.status(f"[{self.name}] v{v}: evaluating on the held-out prompts")
+                return evaluated
+            planned = f"{plan.train_prompts} prompts planned" if plan else "no plan yet"
+            self.status(
+                f"[{self.name}] round {record.round} (v{v} samples, {planned}): "
+                f"{have[0]} groups sampled, {have[1]} judged, "
+                f"{sum(p.policy_version == v for p in self.pairs.records)} pairs"
+                + ("" if evaluated else ", evaluating")
+            )
+            if update() is None:
+                return False
+            published_at = published_at or now
+            return evaluated and self.sampler_version() >= target
+
+        self.wait(done, f"policy v{v}'s round and evaluation" if not final else f"v{v} evaluated")
         end = time.monotonic()
-        return min(done_at or end, end) - ahead.published_at
+        groups = mine(self.completions)
+        scored = mine(self.scored)
+        record.completion_tokens = sum(c.num_tokens for g in groups for c in g.completions)
+        record.train_groups = len(scored)
+        scores = [s for x in scored for s in x.scores]
+        record.train_reward_mean = statistics.fmean(scores) if scores else None
+        record.sampling_s = ((last_group or started) - started) if groups else 0.0
+        record.judging_s = max((last_score or started) - (last_group or started), 0.0)
+        if (result := self.evals.by_id.get(ids.eval_id(v))) is not None:
+            record.eval_reward_mean = result.mean
+            record.eval_reward_se = result.se
+            record.eval_prompts = result.prompts
+            record.eval_completion_tokens_mean = result.mean_tokens
+            record.eval_finished_rate = result.finished_rate
+            record.eval_verdict = result.verdict
+        if final or (new := update()) is None:
+            return
+        record.pairs = new.num_pairs
+        record.train_metrics = {
+            k: float(x) for k, x in new.metrics.items() if isinstance(x, int | float)
+        }
+        record.training_s = float(record.train_metrics.get("seconds", 0.0))
+        record.loading_s = max(end - (published_at or end), 0.0)
+        # Overlap mode: this version kept sampling (the next round's prompts) while the
+        # trainer trained the round it sampled for: wall time saved against strict mode.
+        if published_at is not None and self.settings.max_staleness > 0:
+            window = published_at - record.training_s
+            during = [t for t in arrivals if window <= t <= published_at]
+            record.overlap_s = (max(during) - window) if during else 0.0
+        if new.HasField("restored_version"):
+            record.restored_version = new.restored_version
+            self.status(
+                f"[{self.name}] the guard rejected v{v}: v{target} carries the weights of "
+                f"v{new.restored_version}; the pairs v{v} sampled were dropped",
+                final=True,
+            )
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rounds]

@@ -53,7 +53,7 @@ def plot(path: Path, lineages: dict[str, list[dict[str, Any]]]) -> None:
         done = [r for r in rounds if r["eval_reward_mean"] is not None]
         xs = [r["policy_version"] for r in done]
         ys = [r["eval_reward_mean"] for r in done]
-        sd = [r["eval_reward_std"] or 0.0 for r in done]
+        sd = [r["eval_reward_se"] or 0.0 for r in done]
         ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=4, label=name)
         ax2.plot(xs, [r["eval_completion_tokens_mean"] for r in done], marker="o", label=name)
     ax.set(

@@ -1,9 +1,11 @@
 """``onpolicy run``: the local stack, the services, R rounds, the run folder and report.
 
-Strict mode (``max_staleness=0``): a round's prompts are published only once the sampler
-serves the policy the round trains, so every pair comes from the policy it improves and no
-sample is wasted. Overlap mode (``max_staleness=1``): the next round's prompts go out as soon
-as the current round is sampled, while the trainer trains (one-step-off).
+The run is a client of the round protocol, as a deployment's user is: it publishes the
+training prompts and the held-out prompts, and the services the deployment runs plan,
+sample, judge, train and evaluate every round themselves (strict: every pair sampled by the
+policy its round improves; ``max_staleness`` 1: one-step-off, the next round sampled while
+the current one trains). The run watches the topics and writes the report. The off-policy
+comparison (``--compare-offpolicy``) drives its own rounds: all its pairs are sampled by v0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from onpolicy import messages as m
-from onpolicy.run.lineage import Ahead, Lineage, RoundRecord, tagged
+from onpolicy.run.lineage import Lineage, RoundRecord, tagged
 from onpolicy.run.prompts import PromptSource, demo_prompts, load_prompts
 from onpolicy.run.report import write_report
 from onpolicy.run.settings import RunSettings
@@ -28,6 +30,10 @@ from onpolicy.secrets import redact, write_private
 from onpolicy.stack import KafkaBroker, StackSettings, VllmServer, ensure_default_model
 
 log = logging.getLogger(__name__)
+
+# Training prompts published per prompt a run's rounds nominally need (prompts_per_round
+# pairs per round): a group whose samples tie makes no pair (the demo's yield is ~0.7-0.9).
+PROMPT_HEADROOM = 2
 
 
 @dataclass
@@ -108,10 +114,11 @@ class Runner:
             latest.unlink()
         latest.symlink_to(self.run_id)
 
-    def _eval_prompts(self, round_: int) -> list[m.Prompt]:
+    def _heldout_prompts(self) -> list[m.Prompt]:
+        """The held-out set, published once to each lineage's `heldout` topic."""
         s = self.settings
         return [
-            tagged(p, round_, "eval", {"temperature": s.eval_temperature}, s.eval_samples)
+            tagged(p, 0, "eval", {"temperature": s.eval_temperature}, s.eval_samples)
             for p in self.evaluation
         ]
 
@@ -124,28 +131,30 @@ class Runner:
 
     # ------------------------------------------------------------------ the loops
     def on_policy(self, lineage: Lineage) -> None:
+        """A client of the round protocol, as a deployment's user is: publish the training
+        prompts, then watch the services plan, sample, judge, train and evaluate each round.
+
+        The trainer plans rounds of ``prompts_per_round`` pairs on the rounds topic and the
+        sampler takes only the prompts a round needs, each sampled by the policy the round
+        improves (``max_staleness`` 1: one version older at most); unplanned prompts stay in
+        Kafka. More prompts are published than the rounds should need, because ties make no
+        pair: up to ``PROMPT_HEADROOM`` times, as far as the prompt set allows.
+        """
         s = self.settings
-        overlap = s.max_staleness > 0
-        early = 0  # this round's training prompts already published (overlap mode)
-        overlap_s = 0.0
-        version = 0
+        count = s.rounds * s.prompts_per_round * PROMPT_HEADROOM
+        if not s.prompt_epochs:
+            count = min(count, len(self.train_source.prompts))
+        prompts = take(self.train_source, count, 0, s.prompt_epochs)
+        # Tagged with a nominal round (which the ids carry, so a reused prompt is a new record);
+        # which round trains a prompt is the trainer's plan.
+        nominal = [tagged(p, i // s.prompts_per_round, "train") for i, p in enumerate(prompts)]
+        lineage.publish(nominal)
+        self.status(f"[{lineage.name}] published {len(prompts)} training prompts")
         for r in range(s.rounds + 1):
-            record = RoundRecord(round=r, policy_version=version, overlap_s=overlap_s)
+            record = RoundRecord(round=r, policy_version=r)
             lineage.rounds.append(record)
-            lineage.wait(lambda v=version: lineage.sampler_version() >= v, f"sampler on v{version}")
-            train = self._train_prompts(r) if r < s.rounds and not early else []
-            lineage.sample_and_judge(record, train, self._eval_prompts(r), early)
-            early, ahead, overlap_s = 0, None, 0.0
-            if overlap and r + 1 < s.rounds:
-                # One-step-off: the next round is sampled while this one trains.
-                nxt = self._train_prompts(r + 1)
-                ahead = Ahead(round=r + 1, groups=len(nxt), published_at=time.monotonic())
-                lineage.publish(nxt)
-                early = len(nxt)
+            lineage.watch(record, final=r == s.rounds)
             self._print_round(lineage, record)
-            if r < s.rounds:
-                overlap_s = lineage.train(record, ahead)
-                version = record.next_version
 
     def off_policy(self, lineage: Lineage, pairs_per_round: list[int]) -> None:
         """As many pairs per round as the on-policy run, all sampled by the initial policy."""
@@ -155,7 +164,7 @@ class Runner:
         record = RoundRecord(round=0, policy_version=0)
         lineage.rounds.append(record)
         lineage.publish(everything)
-        lineage.sample_and_judge(record, [], self._eval_prompts(0), s.prompts_per_round)
+        lineage.sample_and_judge(record, [], s.prompts_per_round)
         available = self._off_policy_pairs(lineage, len(everything))
         # A group whose samples tie makes no pair, and the initial policy ties more often than
         # a trained one (its answers run into max_tokens alike): top up with the prompt set's
@@ -186,7 +195,7 @@ class Runner:
             lineage.train(record)
             record = RoundRecord(round=r + 1, policy_version=record.next_version)
             lineage.rounds.append(record)
-            lineage.sample_and_judge(record, [], self._eval_prompts(r + 1))
+            lineage.sample_and_judge(record, [])
             self._print_round(lineage, record)
 
     @staticmethod
@@ -236,8 +245,9 @@ class Runner:
                     served_model_name=stack.served_model_name,
                     model_path=stack.model_path,
                     status=self.status,
+                    heldout=self._heldout_prompts(),
                 )
-                on = Lineage(name="onpolicy", prefix=prefix, **common)
+                on = Lineage(name="onpolicy", prefix=prefix, protocol=True, **common)
                 lineages.append(on)
                 try:
                     on.start()
@@ -251,7 +261,9 @@ class Runner:
                         name="offpolicy",
                         prefix=f"onpolicy.{self.run_id}-off.",
                         sampler_extra={"adapter_prefix": "offpolicy"},
-                        trainer_extra={"max_staleness": s.rounds},
+                        # A comparison of training data, all sampled by v0: the guard
+                        # would drop it (rolled_back) and measure something else.
+                        trainer_extra={"max_staleness": s.rounds, "evaluation": {"guard": False}},
                         **common,
                     )
                     lineages.append(off)

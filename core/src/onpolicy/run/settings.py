@@ -21,7 +21,12 @@ class RunSettings(ServiceSettings):
     )
     eval_prompts: Path | None = Field(None, description="held-out prompts (default: demo's)")
     rounds: int = Field(3, ge=1, description="DPO rounds")
-    prompts_per_round: int = Field(24, ge=1, description="fresh training prompts per round")
+    prompts_per_round: int = Field(
+        24,
+        ge=1,
+        description="pairs per round (the trainer's round_size); the run publishes up to "
+        "twice as many fresh training prompts, since ties make no pair",
+    )
     eval_size: int = Field(24, ge=1, description="held-out prompts sampled at each evaluation")
     prompt_epochs: bool = Field(False, description="reuse the prompt set when it runs out")
     num_samples: int = Field(4, ge=2, description="samples per prompt (N)")

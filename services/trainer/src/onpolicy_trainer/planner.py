@@ -369,6 +369,8 @@ class RoundPlanner:
         remaining = 0
         # Rounds current+1 .. current+1+max_staleness may be open at once.
         for round_ in range(current + 1, current + 2 + self.settings.max_staleness):
+            if self.settings.max_version is not None and round_ > self.settings.max_version:
+                break  # the run's last round is planned: leave the rest of the topic alone
             plan = self.book.get(round_)
             if plan is None:
                 previous = self.book.get(round_ - 1)
@@ -395,6 +397,12 @@ class RoundPlanner:
                 and self._ready_to_train(plan, status)
                 and self.runner.settled(status.pair_ids)
             ):
+                log.info(
+                    "training round %d on its %d pairs (%d prompts planned)",
+                    round_,
+                    len(status.pair_ids),
+                    plan.train_prompts,
+                )
                 self._training = (round_, self.runner.train_planned_threadsafe(status.pair_ids))
             if not status.complete:
                 break

@@ -160,6 +160,11 @@ class RoundRunner:
         self.m_fill = metrics.gauge("buffer_fill_ratio", "Buffered pairs / round_size")
         self.m_version = metrics.gauge("policy_version", "Current policy version")
         self.m_pairs_per_s = metrics.gauge("pairs_per_second", "Last round's pairs/s")
+        self.m_lag = metrics.histogram(
+            "pair_version_lag",
+            "Current version minus the version that sampled each admitted pair",
+            buckets=(0, 1, 2, 3, 5, 8),
+        )
         self.m_rollbacks = metrics.counter(
             "policy_rollbacks_total", "Versions published with an earlier version's weights"
         )
@@ -247,6 +252,7 @@ class RoundRunner:
             self._drop(verdict, pair)
             return []  # nothing to train: its offset may commit
         self._check_budget(pair)
+        self.m_lag.observe(self.current - pair.policy_version)
         future: asyncio.Future[None] = self._loop.create_future()
         self.claimed.add(pair.id)
         self.buffer.append((pair, future))

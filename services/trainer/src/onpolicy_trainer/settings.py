@@ -82,6 +82,12 @@ class TrainerSettings(ServiceSettings):
         description="run a round with what is buffered after this many seconds (protocol: "
         "once its prompts are all judged and no more can be planned)",
     )
+    max_version: int | None = Field(
+        None,
+        ge=1,
+        description="round protocol: plan no round past this policy version (a run of N "
+        "rounds; none: train for as long as prompts come)",
+    )
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, wait this long for a running round to publish"
     )
