@@ -16,7 +16,8 @@ from onpolicy.run.runner import Runner
 from onpolicy.run.settings import RunSettings
 from onpolicy.settings import load_settings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+# A whole run per module fixture: generous for a loaded machine (about 4 min alone on 2 cores).
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 
 def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_completes(

@@ -1,6 +1,6 @@
 """The regression guard in a real run: a policy made worse on purpose is rolled back.
 
-Round 0's pairs are scored upside down (``reversed_judge``) and trained hard, so v1 answers
+Training pairs are scored upside down (``reversed_judge``) and trained hard, so v1 answers
 worse on the held-out prompts than v0 by the judge the evaluation uses. The trainer's
 evaluator rejects v1, the next version (v2) carries v0's weights (a LoRA whose B matrices are
 zero), the pairs v1 sampled are dropped as rolled_back, and the sampler ends up serving v2.
@@ -21,7 +21,8 @@ from onpolicy.run.runner import Runner
 from onpolicy.run.settings import RunSettings
 from onpolicy.settings import load_settings
 
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+# A whole run per module fixture: generous for a loaded machine (about 4 min alone on 2 cores).
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1800)]
 HERE = Path(__file__).resolve().parent
 
 
@@ -65,7 +66,7 @@ def test_a_policy_made_worse_on_purpose_is_rolled_back_to_the_better_version(
             "per_device_batch_size": 4,
             # Hard enough that one round of reversed pairs moves the answers a long way.
             "learning_rate": 3e-3,
-            "num_epochs": 3,
+            "num_epochs": 2,
             "evaluation": {"margin_se": 1.0},
         },
     )

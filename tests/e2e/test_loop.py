@@ -18,7 +18,8 @@ from onpolicy.settings import load_settings
 from onpolicy_sampler.adapters import adapter_name, content_digest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
+# A whole run per module fixture: generous for a loaded machine (about 4 min alone on 2 cores).
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 
 def run_loop(kafka, vllm, model_dir, stack_settings, runs_dir, **overrides):

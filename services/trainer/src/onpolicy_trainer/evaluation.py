@@ -174,13 +174,16 @@ class Evaluator:
         )
 
     def _assign(self) -> bool:
+        """Follow the three topics; a missing one counts as empty (a deployment that does
+        not create `heldout` has nothing to evaluate, and a round must not wait for it)."""
         consumer = self._consumer
         assert consumer is not None
         tps = []
         for topic in self.topics.values():
             parts = consumer.partitions_for_topic(topic)
             if not parts:
-                return False
+                log.warning("topic %s does not exist: no held-out evaluation from it", topic)
+                continue
             tps += [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
@@ -278,9 +281,12 @@ class Evaluator:
             **self.kafka.client_config(), group_id=None, enable_auto_commit=False
         )
         try:
-            while not self._stop.is_set() and not self._assign():
-                self._stop.wait(1.0)
+            self._assign()
             while not self._stop.is_set():
+                if not self._consumer.assignment():  # none of the topics exists
+                    self._caught_up.set()
+                    self._stop.wait(1.0)
+                    continue
                 batch = self._consumer.poll(timeout_ms=500, max_records=10_000)
                 for tp, records in batch.items():
                     for raw in records:
@@ -299,6 +305,8 @@ class Evaluator:
         consumer = self._consumer
         assert consumer is not None
         tps = list(consumer.assignment())
+        if not tps:
+            return True
         end = consumer.end_offsets(tps)
         return all(consumer.position(tp) >= end[tp] for tp in tps)
 
