@@ -3,6 +3,7 @@ the poison records and the checks each cell is judged by."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -63,7 +64,8 @@ class StormEndpoint:
         with self.lock:
             self.counts[status] = self.counts.get(status, 0) + 1
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        # Async: httpx's MockTransport awaits it, so a slow answer blocks no event loop.
         now = time.monotonic()
         with self.lock:
             self.first = self.first or now
@@ -75,7 +77,7 @@ class StormEndpoint:
                 self.status, headers=headers, json={"error": {"message": "storm"}}
             )
         if self.delay_s:
-            time.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s)
         prompt = json.loads(request.content)["messages"][0]["content"]
         parts = re.split(r"## Response \d+", prompt)[1:]
         order = sorted(range(len(parts)), key=lambda k: (len(parts[k]), k))
