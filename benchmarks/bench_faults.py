@@ -513,7 +513,7 @@ def run(args: Any) -> dict[str, Any]:
         for cell in chosen:
             if deadline and time.time() + 150 > deadline:  # ~ a cell's cost
                 results.append(
-                    {"name": cell.name, "passed": None, "detail": "not run: FAULTS_DEADLINE reached"}
+                    {"name": cell.name, "passed": None, "detail": "not run: past FAULTS_DEADLINE"}
                 )
                 continue
             print(f"-- cell {cell.name}: {cell.fault}", flush=True)
