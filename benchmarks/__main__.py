@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", type=int, help="trainer: pairs per pass (default 16 on CPU, 512 on a GPU)"
     )
+    parser.add_argument("--cells", nargs="+", help="faults: only these cells of the matrix")
     args = parser.parse_args(argv)
     names = args.names or available()
     unknown = set(names) - set(available())

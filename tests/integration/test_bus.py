@@ -614,3 +614,49 @@ def test_a_fence_holds_each_partition_at_its_offset_until_it_moves(kafka, topics
         wait_until(lambda: len(handled) == 12, 30, "partition 1 released")
         wait_until(lambda: committed(kafka, group, source) == {0: 6, 1: 6}, 30, "commits")
     assert len(set(handled)) == 12  # each once
+
+
+def test_a_paused_partition_with_parked_records_is_fetched_again_once_resumed(kafka, topics):
+    """kafka-python 3.0.12 parks the records it fetched for a partition that is then paused,
+    and restores them on resume only into an empty in-line slot, which it leaves holding a
+    drained (falsy, not None) batch once another partition's records went through: the
+    resumed partition then never returns a record again (``onpolicy.bus._kafka_fixes``).
+    This is what the processor does at a fence: pause a partition mid-batch, rewind it."""
+    source = topics.name("prompts")
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    for partition in (0, 1):
+        for i in range(6):
+            raw.send(source, f"{partition}-{i}".encode(), partition=partition).get(30)
+    consumer = KafkaConsumer(**kafka.client_config(), group_id=None, enable_auto_commit=False)
+    p0, p1 = TopicPartition(source, 0), TopicPartition(source, 1)
+    consumer.assign([p0, p1])
+    consumer.seek_to_beginning(p0, p1)
+    try:
+        held = None
+        deadline = time.monotonic() + 30
+        while held is None and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500, max_records=1).items():
+                if tp == p1:  # its batch's other records wait in the in-line slot
+                    held = records[0].offset
+                    consumer.seek(p1, held)
+                    consumer.pause(p1)
+        assert held is not None, "partition 1 returned nothing"
+        for i in range(3):  # partition 0's records go through the slot meanwhile
+            raw.send(source, f"0-late-{i}".encode(), partition=0).get(30)
+        late = []
+        deadline = time.monotonic() + 30
+        while len(late) < 3 and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                assert tp == p0
+                late += [r.value for r in records if r.value.startswith(b"0-late")]
+        assert len(late) == 3
+        consumer.resume(p1)
+        again = []
+        deadline = time.monotonic() + 15
+        while len(again) < 6 - held and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                again += [r.offset for r in records]
+        assert again == list(range(held, 6)), again
+    finally:
+        consumer.close(autocommit=False)
+        raw.close()

@@ -1,4 +1,6 @@
-"""A fix for a consumer-group bug in kafka-python 3.0.12 (the latest release), applied on import.
+"""Fixes for two consumer bugs in kafka-python 3.0.12 (the latest release), applied on import.
+
+1. The group join.
 
 ``KafkaConsumer.poll`` runs the group's JoinGroup/SyncGroup as a background task and awaits
 it only as long as the poll's own timeout. When the task finishes while no poll awaits it
@@ -14,11 +16,24 @@ it only as long as the poll's own timeout. When the task finishes while no poll 
 The Java client keeps a finished join until a poll applies it (``rejoinNeededOrPending``);
 this does the same. Only 3.0.12 is patched: the test that reproduces the bug step by step
 (``tests/integration/test_bus.py``) says whether a later release still needs it.
+
+2. A paused partition's parked records (KAFKA-7548). Records fetched for a partition that is
+then paused are parked, and the partition is not fetched again while they are parked; on
+``resume`` they are restored only when the in-line slot (``_next_partition_records``) is
+``None``. But a consumed slot is left holding its drained, falsy ``PartitionRecords``, not
+``None``, so once another partition's records went through, the parked ones are never
+restored and the resumed partition is never fetched again: it stalls for good, with lag and
+nothing in flight. The processor pauses partitions at the round protocol's fence (and when
+its window is full), so a sampler's partition stopped for good mid-round (found by the fault
+matrix, ``benchmarks/bench_faults.py``). The fix empties a drained slot first, as the loop
+below it already treats a falsy slot as empty; ``tests/integration/test_bus.py`` reproduces
+the stall.
 """
 
 from __future__ import annotations
 
 import kafka
+from kafka.consumer.fetcher import Fetcher
 from kafka.coordinator.base import BaseCoordinator
 from kafka.structs import MemberState
 
@@ -56,6 +71,16 @@ async def _join_group_async(self: BaseCoordinator, timeout_ms: float | None = No
     return await _original_join_group_async(self, timeout_ms)
 
 
+_original_fetched_records = Fetcher.fetched_records
+
+
+def _fetched_records(self: Fetcher, max_records=None, update_offsets=True):
+    slot = self._next_partition_records
+    if slot is not None and not slot:  # drained: free the slot for a resumed partition
+        self._next_partition_records = None
+    return _original_fetched_records(self, max_records, update_offsets)
+
+
 def apply() -> None:
     if kafka.__version__ not in PATCHED_VERSIONS:
         return
@@ -64,6 +89,7 @@ def apply() -> None:
     BaseCoordinator.need_rejoin = _need_rejoin
     BaseCoordinator.join_group_async = _join_group_async
     BaseCoordinator._onpolicy_patched = True
+    Fetcher.fetched_records = _fetched_records
 
 
 apply()

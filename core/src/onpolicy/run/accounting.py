@@ -4,8 +4,8 @@ Read from Kafka and the trainer's saved datasets alone (what a deployment keeps)
 audit serves tests, benchmarks and an operator. A training prompt ends in one of four ways:
 
 - ``trained``: a pair made from its samples is in a saved round's dataset;
-- ``dropped``: with a recorded reason: dead-lettered, or judged and every candidate pair
-  dropped by the pair rules (ties, none finished, ...);
+- ``dropped``: with a recorded reason: dead-lettered (the prompt, or its group by the
+  judge), or judged and every candidate pair dropped by the pair rules (ties, none finished);
 - ``waiting``: not sampled yet, or planned for a round still open (still in Kafka);
 - ``lost``: anything else, e.g. sampled for a round that trained without it.
 """
@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from onpolicy import messages as m
 from onpolicy.bus import read_topic
@@ -75,11 +77,17 @@ def audit(kafka: KafkaSettings, topics: TopicSettings, checkpoints: Path) -> Aud
         r.message.group.id: list(r.message.pair_ids)
         for r in read_topic(kafka, topics.name("scored"), m.ScoredGroup)
     }
-    dead = {
-        (d.message.partition, d.message.offset)
-        for d in read_topic(kafka, topics.name("dlq"), m.DeadLetter)
-        if d.message.source_topic == topics.name("prompts")
-    }
+    dead = set()
+    for d in read_topic(kafka, topics.name("dlq"), m.DeadLetter):
+        if d.message.source_topic == topics.name("prompts"):
+            dead.add((d.message.partition, d.message.offset))
+        elif d.message.source_topic == topics.name("completions"):
+            # The judge dead-lettered the prompt's group (e.g. a reference RE2 refuses).
+            try:
+                source = m.CompletionGroup.FromString(d.message.original_value).source
+            except DecodeError:
+                continue  # not a group the sampler wrote: it names no prompt
+            dead.add((source.partition, source.offset))
 
     out = Audit(sampled_groups=len(seen), trained_pairs=len(trained))
     out.rounds_trained = sorted(rows)
