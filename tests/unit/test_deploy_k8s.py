@@ -31,6 +31,8 @@ LORA_OVERLAYS = ("dev-lora",)
 
 def built_lora(name: str) -> tuple[dict[str, Any], ...]:
     return tuple(dc.kustomize_build(dc.K8S / "examples" / name))
+
+
 NAMESPACE = "onpolicy"
 # Kinds the overlays may hold that live outside namespaces.
 CLUSTER_SCOPED = {"Namespace", "StorageClass", "PersistentVolume", "ClusterRole",
