@@ -64,7 +64,6 @@ from onpolicy_sampler.weights import (
     VLLM_DEFAULT,
     ServedWeights,
     WeightGate,
-    label_version,
     weights_label,
 )
 
@@ -296,11 +295,6 @@ class PolicyTracker:
         if policy.proven_by(label):
             if self.gate.closed and label != UNKNOWN:
                 self.gate.open()
-            return
-        served = label_version(label)
-        if self.handoff == "merged" and served is not None and served > policy.version:
-            # Another sampler sharing this vLLM reloaded a newer policy: never reload an older
-            # one over it; this tracker reads that update from the topic next.
             return
         log.warning(
             "vLLM's weights are labelled %r, not v%d's (%s): reloading them",
