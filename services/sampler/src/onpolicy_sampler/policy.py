@@ -322,6 +322,9 @@ class PolicyTracker:
             self._reconcile()
         except LoadFailure as exc:
             self.m_failures.labels(exc.reason).inc()
+            if self.handoff == "lora":  # a courtesy check there: adapters are proven anyway
+                log.warning("checking vLLM's base weights failed: %s: %s", exc.reason, exc)
+                return
             self.weights_failure = f"{exc.reason}: {exc}"
             log.error("checking vLLM's weights failed (NOT READY): %s: %s", exc.reason, exc)
             return
