@@ -163,8 +163,9 @@ def test_a_failed_reload_leaves_the_replica_not_ready_and_a_later_version_loads(
         producer.send_sync(topics.name("policy"), good)
         wait_until(lambda: service.tracker.ready(), 120, "v2 reloaded, ready")
         assert readyz().status_code == 200
-        # vLLM "restarted" (its label back to the start-up one): the worker notices after its
-        # request, the tracker reloads v2, and the group is stamped only once that is proven.
+        # vLLM "restarted" (its label back to the start-up one): the tracker reloads v2, and
+        # the group is stamped only once that is proven (a request that saw the start-up
+        # label is retried).
         httpx.post(f"{server}/update_weight_version", json={"new_version": "default"}, timeout=10)
         producer.send_sync(topics.name("prompts"), m.Prompt(id="p2", text=PROMPT, sampling=GREEDY))
         records = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2, timeout=120)
@@ -172,4 +173,6 @@ def test_a_failed_reload_leaves_the_replica_not_ready_and_a_later_version_loads(
     label = weights_label(2, str(merged_dir), good.created_unix_ms)
     assert (second.policy_version, second.model) == (2, label)
     assert weight_label(server) == label
-    assert sample_value(service.metrics, "errors_total", kind="weights_mismatch") >= 1
+    # v2's reload and the repair (noticed by the worker after its request, or by the
+    # tracker's own check every 5 s, whichever came first).
+    assert sample_value(service.metrics, "weight_reloads_total") >= 2
