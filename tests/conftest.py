@@ -30,11 +30,16 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory):
     from onpolicy.stack import StackSettings
 
     state = tmp_path_factory.mktemp("stack")
+    # One server for both hand-off modes: LoRA for the adapter tests, dev mode for the merged
+    # reloads (tests/integration/test_handoff.py), so the session starts one vLLM (a server
+    # without LoRA compiles for minutes more; the handoff benchmark measures that one).
     return StackSettings(
         state_dir=state,
         kafka_port=free_port(),
         kafka_controller_port=free_port(),
         vllm_port=free_port(),
+        handoff="lora",
+        vllm_dev_mode=True,
     )
 
 

@@ -35,6 +35,7 @@ def sampler(kafka, topics, url, tmp_path, **overrides) -> SamplerService:
         adapter_cache_dir=tmp_path / "adapters",
         group_id=f"{topics.prefix}sampler",
         round_protocol=False,  # these tests publish prompts without planned rounds
+        handoff="lora",  # the merged hand-off: test_handoff.py
     )
     settings = load_settings(SamplerSettings, **(fields | overrides))
     return SamplerService(settings, Metrics("sampler"))

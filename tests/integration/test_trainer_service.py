@@ -113,6 +113,11 @@ def test_round_from_kafka_trains_saves_publishes_and_loads_into_vllm(
     adapter = Path(update.adapter_uri)
     assert adapter == tmp_path / "ckpt" / "policy-v1"
     assert (adapter / "adapter_model.safetensors").exists()
+    # handoff=merged (the default): the adapter merged into full weights for the samplers.
+    merged = Path(update.checkpoint_uri)
+    assert merged == tmp_path / "ckpt" / "merged-v1"
+    assert (merged / "config.json").exists() and (merged / "model.safetensors").exists()
+    assert (merged / "tokenizer.json").exists()
 
     table = pq.read_table(tmp_path / "ckpt" / "datasets" / "round-1.parquet")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(p.id for p in pairs)

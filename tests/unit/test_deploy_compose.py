@@ -28,6 +28,25 @@ def compose() -> dict[str, Any]:
     return dc.compose_file()
 
 
+def with_override(compose: dict[str, Any], path: str) -> dict[str, Any]:
+    """``docker compose -f docker-compose.yml -f <path>``: the override's command replaces the
+    service's, its environment entries are added to the service's (compose's merge rules)."""
+    override = yaml.safe_load((REPO / path).read_text())
+    services = {name: dict(service) for name, service in compose["services"].items()}
+    for name, extra in override["services"].items():
+        service = services[name]
+        if "command" in extra:
+            service["command"] = extra["command"]
+        if "environment" in extra:
+            service["environment"] = {**service.get("environment", {}), **extra["environment"]}
+    return {**compose, "services": services}
+
+
+@pytest.fixture(scope="module")
+def lora_compose(compose: dict[str, Any]) -> dict[str, Any]:
+    return with_override(compose, "deploy/compose/lora.yml")
+
+
 def env_of(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment", {})
     return {k: dc.interpolate(str(v)) for k, v in env.items()}
@@ -93,8 +112,35 @@ def test_sampler_budget_fits_the_trainers_max_length(
         check_sequence_budget(sampler.max_prompt_tokens, sampler.max_tokens, trainer.max_length)
 
 
-def test_vllm_serves_lora_and_the_sampler_finds_it(compose: dict[str, Any]) -> None:
+def test_vllm_reloads_merged_weights_by_default(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """handoff=merged: no LoRA (on the CPU it turns torch.compile off), dev mode for the
+    in-place reload, vLLM's port not published, and sampler and trainer in merged mode."""
     services = compose["services"]
+    for name in ("vllm", "vllm-cpu"):
+        vllm = services[name]
+        args = [dc.interpolate(a) for a in vllm["command"]]
+        assert not [a for a in args if "lora" in a], args
+        assert vllm["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm["environment"]
+        assert "ports" not in vllm  # the dev-mode endpoints stay on the project's network
+    for name, service in SERVICES.items():
+        if service != "judge":
+            settings = load_service_settings(service, env_of(services[name]), None, monkeypatch)
+            assert settings.handoff == "merged", name
+
+
+def test_vllm_serves_lora_and_the_sampler_finds_it(
+    lora_compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = lora_compose["services"]
+    for name, service in SERVICES.items():
+        if service != "judge":
+            settings = load_service_settings(service, env_of(services[name]), None, monkeypatch)
+            assert settings.handoff == "lora", name
+    for name in ("vllm", "vllm-cpu"):
+        assert services[name]["environment"]["VLLM_SERVER_DEV_MODE"] == "0"
     gpu, cpu = services["vllm"], services["vllm-cpu"]
     assert gpu["profiles"] == ["gpu", "gpu-reward-model"] and cpu["profiles"] == ["cpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
@@ -116,7 +162,7 @@ def test_vllm_serves_lora_and_the_sampler_finds_it(compose: dict[str, Any]) -> N
     )
     assert services["trainer"]["deploy"]["resources"]["reservations"]["devices"]
     assert "trainer" in services["trainer-cpu"]["networks"]["default"]["aliases"]
-    assert {"checkpoints", "datasets"} <= set(compose["volumes"])
+    assert {"checkpoints", "datasets"} <= set(lora_compose["volumes"])
 
 
 def test_prometheus_scrapes_every_service_and_grafana_is_provisioned(
@@ -213,12 +259,12 @@ def test_published_ports_are_bound_to_loopback(compose: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("given", [None, "32"])
 def test_one_max_lora_rank_for_vllm_sampler_and_trainer(
-    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, given: str | None
+    lora_compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, given: str | None
 ) -> None:
     """ONPOLICY_MAX_LORA_RANK sets vLLM's --max-lora-rank and the sampler's and trainer's
     max_lora_rank together; the trainer's lora_r fits under it."""
     host = {"ONPOLICY_MAX_LORA_RANK": given} if given else {}
-    services = compose["services"]
+    services = lora_compose["services"]
     for vllm in ("vllm", "vllm-cpu"):
         args = [dc.interpolate(a, host) for a in services[vllm]["command"]]
         [flag] = [a for a in args if a.startswith("--max-lora-rank")]

@@ -24,6 +24,15 @@ CLOUDS = {
     "gpu-operator": ("nvidia.com/gpu.product", "nfs-client"),
 }
 GPU_OVERLAYS = ("gpu", *CLOUDS)
+# handoff=lora: deploy/k8s/examples/<name>, an overlay with components/lora-handoff (the
+# overlays themselves reload merged weights).
+LORA_OVERLAYS = ("dev-lora",)
+
+
+def built_lora(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(dc.kustomize_build(dc.K8S / "examples" / name))
+
+
 NAMESPACE = "onpolicy"
 # Kinds the overlays may hold that live outside namespaces.
 CLUSTER_SCOPED = {"Namespace", "StorageClass", "PersistentVolume", "ClusterRole",
@@ -271,10 +280,35 @@ def test_sampler_budget_fits_the_trainers_max_length(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sampler_pod_reloads_merged_weights_by_default(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """handoff=merged: vLLM without LoRA, in dev mode; sampler and trainer in merged mode;
+    vLLM's port (and so its dev-mode endpoints) admitted from outside the pod only to
+    Prometheus' pods."""
+    objects = built(overlay)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
+    vllm = container(objects, "sampler", "vllm")
+    assert not [a for a in vllm["args"] if "lora" in a]
+    vllm_env = env_of(objects, vllm)
+    assert vllm_env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in vllm_env
+    for deployment in ("sampler", "trainer"):
+        env = env_of(objects, container(objects, deployment, deployment))
+        settings = load_service_settings(deployment, env, config, monkeypatch)
+        assert settings.handoff == "merged", deployment
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(objects, "NetworkPolicy")}
+    [scrape] = policies["allow-metrics-scrape"]["ingress"]
+    [peer] = scrape["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+@pytest.mark.parametrize("overlay", LORA_OVERLAYS)
 def test_sampler_pod_serves_lora_policies_from_the_trainers_checkpoints(
     overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    objects = built(overlay)
+    objects = built_lora(overlay)
     config = tmp_path / "config.yaml"
     config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
     pod = pod_spec(objects, "sampler")
@@ -282,6 +316,7 @@ def test_sampler_pod_serves_lora_policies_from_the_trainers_checkpoints(
     args = vllm["args"]
     assert "--enable-lora" in args and "--max-lora-rank=$(MAX_LORA_RANK)" in args
     assert env_of(objects, vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env_of(objects, vllm)["VLLM_SERVER_DEV_MODE"] == "0"
     sampler_env = env_of(objects, sampler)
     vllm_port = next(p["containerPort"] for p in vllm["ports"] if p["name"] == "vllm")
     assert sampler_env["ONPOLICY_SAMPLER_VLLM_URL"] == f"http://localhost:{vllm_port}"
@@ -291,6 +326,7 @@ def test_sampler_pod_serves_lora_policies_from_the_trainers_checkpoints(
     assert "--served-model-name=$(SERVED_MODEL_NAME)" in args
     assert sampler_env["ONPOLICY_SAMPLER_SERVED_MODEL_NAME"] == served
     settings = load_service_settings("sampler", sampler_env, config, monkeypatch)
+    assert settings.handoff == "lora"
     max_loras = next(int(a.split("=")[1]) for a in args if a.startswith("--max-loras="))
     assert max_loras >= settings.keep_adapters
     # A memory-backed /dev/shm for vLLM.
@@ -621,13 +657,13 @@ def test_the_control_plane_check_covers_every_overlay_meant_for_a_cluster() -> N
         assert sorted(c["spec"]["accessModes"][0] for c in claims) == sorted(modes)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", LORA_OVERLAYS)
 def test_one_max_lora_rank_for_vllm_sampler_and_trainer(
     overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vLLM's --max-lora-rank, the sampler's and the trainer's max_lora_rank are one key, and
     the trainer's lora_r fits under it (else every sampler would refuse its adapters)."""
-    objects = built(overlay)
+    objects = built_lora(overlay)
     config = tmp_path / "config.yaml"
     config.write_text(config_map_named(objects, "onpolicy-config-")["data"]["config.yaml"])
     vllm = container(objects, "sampler", "vllm")

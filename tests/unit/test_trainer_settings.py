@@ -18,13 +18,34 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_lora_r_above_max_lora_rank_is_refused_naming_both() -> None:
-    assert load_settings(TrainerSettings, model="m", lora_r=16).max_lora_rank == 16
+    lora = {"model": "m", "handoff": "lora"}
+    assert load_settings(TrainerSettings, **lora, lora_r=16).max_lora_rank == 16
     with pytest.raises(ConfigError) as err:
-        load_settings(TrainerSettings, model="m", lora_r=32)
+        load_settings(TrainerSettings, **lora, lora_r=32)
     message = str(err.value)
     assert "lora_r (32)" in message and "max_lora_rank (16)" in message
     assert "ONPOLICY_MAX_LORA_RANK" in message
-    assert load_settings(TrainerSettings, model="m", lora_r=32, max_lora_rank=32).lora_r == 32
+    assert load_settings(TrainerSettings, **lora, lora_r=32, max_lora_rank=32).lora_r == 32
+    # Merged weights carry no rank vLLM must serve: any lora_r is fine.
+    assert load_settings(TrainerSettings, model="m", lora_r=32).handoff == "merged"
+
+
+def test_the_shared_variable_sets_the_handoff_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onpolicy.stack import StackSettings
+    from onpolicy_sampler.settings import SamplerSettings
+
+    for cls in (TrainerSettings, SamplerSettings, StackSettings):
+        assert load_settings(cls, **({"model": "m"} if cls is TrainerSettings else {})).handoff == (
+            "merged"
+        )
+    monkeypatch.setenv("ONPOLICY_HANDOFF", "lora")
+    assert load_settings(TrainerSettings, model="m").handoff == "lora"
+    assert load_settings(SamplerSettings).handoff == "lora"
+    assert load_settings(StackSettings).handoff == "lora"
+    monkeypatch.setenv("ONPOLICY_HANDOFF", "adapter")
+    with pytest.raises(ConfigError) as err:
+        load_settings(SamplerSettings)
+    assert "handoff" in str(err.value)
 
 
 def test_the_shared_variable_sets_max_lora_rank(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,12 +61,19 @@ def test_the_shared_variable_sets_max_lora_rank(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_full_finetune_needs_a_full_weights_reload_path() -> None:
+    # The merged hand-off reloads full weights: a full fine-tune closes the loop there.
+    assert load_settings(TrainerSettings, model="m", full_finetune=True).full_finetune
     with pytest.raises(ConfigError) as err:
-        load_settings(TrainerSettings, model="m", full_finetune=True)
+        load_settings(TrainerSettings, model="m", full_finetune=True, handoff="lora")
     message = str(err.value)
     assert "full_finetune" in message and "cannot hot-load" in message
     assert "ONPOLICY_TRAINER_FULL_WEIGHTS_RELOAD" in message
     settings = load_settings(
-        TrainerSettings, model="m", full_finetune=True, full_weights_reload=True, lora_r=64
+        TrainerSettings,
+        model="m",
+        full_finetune=True,
+        full_weights_reload=True,
+        lora_r=64,
+        handoff="lora",
     )
     assert settings.full_finetune  # no LoRA rank limit without a LoRA

@@ -58,6 +58,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             "ONPOLICY_SERVED_MODEL_NAME": settings.served_model_name,
             # vLLM's --max-lora-rank: the sampler and the trainer check adapters against it.
             "ONPOLICY_MAX_LORA_RANK": str(settings.max_lora_rank),
+            # How vLLM was started (LoRA or dev mode): the sampler and the trainer follow it.
+            "ONPOLICY_HANDOFF": settings.handoff,
         }
     settings.state.mkdir(parents=True, exist_ok=True)
     env_file = settings.state / "stack.env"

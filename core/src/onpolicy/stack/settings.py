@@ -49,6 +49,17 @@ class StackSettings(ServiceSettings):
         description="vLLM's --max-lora-rank; the same variable, ONPOLICY_MAX_LORA_RANK, sets "
         "the sampler's and the trainer's max_lora_rank",
     )
+    handoff: Literal["merged", "lora"] = Field(
+        "merged",
+        description="merged: vLLM without --enable-lora and with VLLM_SERVER_DEV_MODE=1 (the "
+        "sampler reloads each policy's merged weights in place); lora: --enable-lora and "
+        "runtime adapters. ONPOLICY_HANDOFF sets stack, sampler and trainer at once",
+    )
+    vllm_dev_mode: bool | None = Field(
+        None,
+        description="VLLM_SERVER_DEV_MODE=1 (reload, prefix-cache and weight-label endpoints, "
+        "bound to 127.0.0.1); default: on in merged mode only",
+    )
     vllm_dtype: str = Field(
         "auto",
         description="model dtype on the CPU; auto: bfloat16 where the CPU computes it natively "

@@ -126,6 +126,31 @@ def ensure_vllm_env(settings: StackSettings) -> Path:
     return vllm_python(settings)
 
 
+def handoff_args(settings: StackSettings) -> list[str]:
+    """LoRA flags in lora mode only: on the CPU a LoRA config turns torch.compile off and
+    slows every request, the base model's too (merged mode samples at base-model speed)."""
+    if settings.handoff != "lora":
+        return []
+    return ["--enable-lora", "--max-lora-rank", str(settings.max_lora_rank), "--max-loras", "4"]
+
+
+def handoff_env(settings: StackSettings) -> dict[str, str]:
+    """Runtime LoRA updates in lora mode; dev mode (weight reload, prefix-cache reset, weight
+    label) in merged mode. The server listens on 127.0.0.1 only: those endpoints must never
+    be reachable from outside the machine (or the sampler's pod)."""
+    env = {}
+    if settings.handoff == "lora":
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    dev = (
+        settings.vllm_dev_mode
+        if settings.vllm_dev_mode is not None
+        else (settings.handoff == "merged")
+    )
+    if dev:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    return env
+
+
 class VllmServer:
     """Start, probe and stop the local vLLM server for one model."""
 
@@ -167,18 +192,14 @@ class VllmServer:
             str(s.vllm_port),
             "--max-model-len",
             str(s.vllm_max_model_len),
-            "--enable-lora",
-            "--max-lora-rank",
-            str(s.max_lora_rank),
-            "--max-loras",
-            "4",
+            *handoff_args(s),
             *s.vllm_extra_args,
         ]
         env = {
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "HF_HUB_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
+            **handoff_env(s),
         }
         if not has_gpu():
             cmd += ["--dtype", cpu_dtype(s.vllm_dtype)]

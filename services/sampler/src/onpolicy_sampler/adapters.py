@@ -69,16 +69,17 @@ def _uri_key(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
-def fetch_adapter(uri: str, cache_dir: Path) -> Path:
-    """A local folder holding the adapter: the URI itself, or a copy fetched with fsspec.
+def fetch_adapter(uri: str, cache_dir: Path, marker: str = "adapter_config.json") -> Path:
+    """A local folder holding the adapter (or, with ``marker="config.json"``, the model): the
+    URI itself, or a copy fetched with fsspec.
 
     A folder (or object) that is not there yet is a transient failure: the trainer's volume
     or bucket may show it a little later. A URI no filesystem understands is permanent.
     """
     if "://" not in uri or uri.startswith("file://"):
         path = Path(uri.removeprefix("file://"))
-        if not (path / "adapter_config.json").is_file():
-            raise transient("fetch", f"no adapter_config.json in {path} (yet)")
+        if not (path / marker).is_file():
+            raise transient("fetch", f"no {marker} in {path} (yet)")
         return path
     try:
         fs, remote = fsspec.core.url_to_fs(uri)
@@ -86,13 +87,13 @@ def fetch_adapter(uri: str, cache_dir: Path) -> Path:
         raise permanent("fetch", f"cannot open {uri}: {exc}") from exc
     # Keyed by the URI: two lineages' "policy-v1" folders never share a cache entry.
     target = cache_dir / _uri_key(uri)
-    if not (target / "adapter_config.json").is_file():
+    if not (target / marker).is_file():
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
             fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
-            if not (partial / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"no adapter_config.json under {uri}")
+            if not (partial / marker).is_file():
+                raise FileNotFoundError(f"no {marker} under {uri}")
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         except Exception as exc:  # fsspec backends raise their own error types

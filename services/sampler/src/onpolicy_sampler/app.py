@@ -37,6 +37,8 @@ class SamplerService(Processor[Prompt]):
             adapter_uri_prefixes=settings.adapter_uri_prefixes,
             retry_initial_s=settings.policy_retry_initial_s,
             retry_max_s=settings.policy_retry_max_s,
+            handoff=settings.handoff,
+            drain_timeout_s=settings.request_timeout_s,
         )
         self.client = VllmClient(
             settings.vllm_url,
@@ -86,6 +88,9 @@ class SamplerService(Processor[Prompt]):
             "version": tracker.current.version,
             "model": tracker.current.model,
             "adapter_path": tracker.current.adapter_path,
+            "handoff": tracker.handoff,
+            "label": tracker.current.label,
+            "weights_failure": tracker.weights_failure,
             "loaded": [p.model for p in tracker.loaded],
             "ready": tracker.ready(),
             "failure": failure.__dict__ if failure else None,

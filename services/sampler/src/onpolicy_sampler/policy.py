@@ -15,6 +15,15 @@ pending one; a permanent one (a full checkpoint, LoRA rank above the server's ma
 base model, vLLM refusing the adapter) is given up at once. Either way the replica is not
 ready (``ready``), the failure counted (``policy_load_failures_total{reason}``) and logged,
 until a version loads.
+
+``handoff="merged"`` (see ``weights``): vLLM serves one model whose weights are replaced in
+place by each policy's full model folder (``PolicyUpdate.checkpoint_uri``). The reload runs
+inside the worker's ``WeightGate`` (requests drained, none started meanwhile) and is proven by
+vLLM's weight label; the current policy changes only once the label is read back. A failed
+reload marks the weights unknown and restores the previous policy's weights if it can; until
+some weights are proven the gate stays closed, so no group is ever stamped with a policy that
+did not produce it. A label that drifts (vLLM restarted with its start-up weights) is noticed
+by the worker and the tracker reloads the current policy.
 """
 
 from __future__ import annotations
@@ -49,6 +58,14 @@ from onpolicy_sampler.adapters import (
     uri_allowed,
 )
 from onpolicy_sampler.served import ServedModels
+from onpolicy_sampler.weights import (
+    BASE_LABEL,
+    UNKNOWN,
+    VLLM_DEFAULT,
+    ServedWeights,
+    WeightGate,
+    weights_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +81,10 @@ FAILURE_REASONS = (
     "uri_not_allowed",
     "bad_adapter",
     "error",
+    "reload",
+    "no_dev_mode",
+    "no_weights",
+    "drain",
 )
 
 
@@ -71,7 +92,14 @@ FAILURE_REASONS = (
 class Policy:
     version: int
     model: str  # the name to request from vLLM: the base model or the adapter
-    adapter_path: str | None = None
+    adapter_path: str | None = None  # LoRA: the adapter folder; merged: the model folder
+    label: str | None = None  # merged: vLLM's weight label (None: the base model's)
+
+    def proven_by(self, label: str) -> bool:
+        """Whether vLLM's weight label says it serves this policy's weights."""
+        if self.label is None:
+            return label in (VLLM_DEFAULT, BASE_LABEL)
+        return label == self.label
 
 
 @dataclass(frozen=True)
@@ -104,7 +132,11 @@ class PolicyTracker:
         adapter_uri_prefixes: Sequence[str] = (),
         retry_initial_s: float = 0.5,
         retry_max_s: float = 15.0,
+        handoff: str = "lora",
+        drain_timeout_s: float = 600.0,
     ):
+        self.handoff = handoff
+        self.drain_timeout_s = drain_timeout_s
         self.kafka = kafka
         self.topic = topic
         self.dead_letter_topic = dead_letter_topic
@@ -124,6 +156,11 @@ class PolicyTracker:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=vllm_url, headers=headers, timeout=60)
         self.served = ServedModels(self.http)
+        self.weights = ServedWeights(self.http)
+        self.gate = WeightGate()  # merged: the worker's requests versus reloads
+        self._check_label = threading.Event()  # the worker saw a label other than current's
+        self.weights_failure: str | None = None  # the last weight check or restore failed
+        self._next_check = 0.0
         self._vllm_lock = threading.Lock()  # the policy thread and the worker's reloads
         self.loaded: list[Policy] = []
         self.failure: PolicyFailure | None = None
@@ -145,17 +182,163 @@ class PolicyTracker:
         self.m_failed = metrics.gauge(
             "policy_load_failed", "1 while the newest published policy could not be activated"
         )
+        self.m_reloads = metrics.counter(
+            "weight_reloads_total", "Policies reloaded into vLLM's weights (handoff=merged)"
+        )
+        self.m_reload_seconds = metrics.histogram(
+            "weight_reload_seconds", "Drain + reload + prefix-cache reset + label check"
+        )
         for reason in FAILURE_REASONS:
             self.m_failures.labels(reason)
 
     def ready(self) -> bool:
         """Caught up with the topic and serving its newest policy (the readiness check)."""
         alive = self._thread is None or self._thread.is_alive()
-        return alive and self.caught_up.is_set() and self.failure is None
+        return (
+            alive
+            and self.caught_up.is_set()
+            and self.failure is None
+            and self.weights_failure is None
+            and not self.gate.closed
+        )
 
     # ------------------------------------------------------------------ one policy
+    def _prepare_weights(self, update: m.PolicyUpdate) -> Policy:
+        """merged: the policy's full model folder, fetched to local disk when remote."""
+        uri = update.checkpoint_uri
+        if not uri:
+            raise permanent(
+                "no_weights",
+                f"policy v{update.version} has no checkpoint_uri (merged weights): the trainer "
+                "runs handoff=lora while this sampler runs handoff=merged; set ONPOLICY_HANDOFF "
+                "for both",
+            )
+        if self.adapter_uri_prefixes and not uri_allowed(uri, self.adapter_uri_prefixes):
+            raise permanent(
+                "uri_not_allowed",
+                f"policy v{update.version} names {uri!r}, outside the checkpoint store this "
+                f"sampler loads from (adapter_uri_prefixes {list(self.adapter_uri_prefixes)})",
+            )
+        path = fetch_adapter(uri, self.cache_dir, marker="config.json")
+        label = weights_label(update.version, uri, update.created_unix_ms, self.adapter_prefix)
+        return Policy(update.version, self.base.model, str(path), label)
+
+    def _reload(self, policy: Policy) -> None:
+        """merged: drain the worker's requests, reload ``policy``'s weights, prove them.
+
+        On failure vLLM's weights are unknown (labelled so): the previous policy's weights are
+        reloaded if possible; if that fails too the gate stays closed (nothing is sampled)
+        until some version reloads.
+        """
+        with self._vllm_lock:
+            if not self.gate.close(self.drain_timeout_s):
+                self.gate.open()
+                raise LoadFailure(
+                    "drain",
+                    f"requests still in flight after {self.drain_timeout_s}s",
+                    permanent=False,
+                )
+            previous = self.current
+            if self.weights.label() == policy.label:  # e.g. this sampler restarted, vLLM not
+                with self._lock:
+                    self.current = policy
+                self.weights_failure = None
+                self.gate.open()
+                return
+            try:
+                self.weights.reload(
+                    policy.adapter_path or self._base_root(), policy.label or BASE_LABEL
+                )
+            except LoadFailure:
+                if previous is not policy and self._restore(previous):
+                    self.gate.open()
+                raise
+            with self._lock:
+                self.current = policy
+            self.weights_failure = None
+            self.gate.open()
+
+    def _base_root(self) -> str:
+        """The folder vLLM loaded at start (``/v1/models`` root): the base model's weights."""
+        root = (self.served.models().get(self.base.model) or {}).get("root")
+        if not root:
+            raise permanent("base_model", f"vLLM's /v1/models does not list {self.base.model}")
+        return root
+
+    def _restore(self, policy: Policy) -> bool:
+        try:
+            self.weights.reload(
+                policy.adapter_path or self._base_root(), policy.label or BASE_LABEL
+            )
+        except LoadFailure as exc:
+            log.error(
+                "restoring v%d's weights failed too (%s): vLLM's weights are UNKNOWN; this "
+                "replica samples nothing until a version reloads",
+                policy.version,
+                exc,
+            )
+            return False
+        log.warning("restored v%d's weights after a failed reload", policy.version)
+        return True
+
+    def _reconcile(self) -> None:
+        """vLLM's weight label against the current policy; reload the current policy's
+        weights when they differ (vLLM restarted, another run reloaded it). In lora mode only
+        the base weights are checked, and only where vLLM has dev mode."""
+        try:
+            label = self.weights.label()
+        except LoadFailure as exc:
+            if self.handoff == "lora" and exc.reason == "no_dev_mode":
+                return
+            raise
+        policy = self.current if self.handoff == "merged" else self.base
+        if policy.proven_by(label):
+            if self.gate.closed and label != UNKNOWN:
+                self.gate.open()
+            return
+        log.warning(
+            "vLLM's weights are labelled %r, not v%d's (%s): reloading them",
+            label,
+            policy.version,
+            policy.label or BASE_LABEL,
+        )
+        started = time.monotonic()
+        with self._vllm_lock:
+            if self.handoff == "merged" and not self.gate.close(self.drain_timeout_s):
+                self.gate.open()
+                raise LoadFailure("drain", "requests still in flight", permanent=False)
+            self.weights.reload(
+                policy.adapter_path or self._base_root(), policy.label or BASE_LABEL
+            )
+            self.gate.open()
+        self.m_reloads.inc()
+        self.m_reload_seconds.observe(time.monotonic() - started)
+
+    def _check_weights(self) -> None:
+        """``_reconcile``, its failure counted, logged and kept as not ready (never raised)."""
+        self._check_label.clear()
+        self._next_check = time.monotonic() + 5.0
+        try:
+            self._reconcile()
+        except LoadFailure as exc:
+            self.m_failures.labels(exc.reason).inc()
+            if self.handoff == "lora":  # a courtesy check there: adapters are proven anyway
+                log.warning("checking vLLM's base weights failed: %s: %s", exc.reason, exc)
+                return
+            self.weights_failure = f"{exc.reason}: {exc}"
+            log.error("checking vLLM's weights failed (NOT READY): %s: %s", exc.reason, exc)
+            return
+        self.weights_failure = None
+
+    def notice_label(self, label: str) -> None:
+        """The worker saw vLLM report ``label`` where it expected the current policy's."""
+        if not self.current.proven_by(label):
+            self._check_label.set()
+
     def _prepare(self, update: m.PolicyUpdate) -> Policy:
         """Fetch and check the adapter on this side; its content names it in vLLM."""
+        if self.handoff == "merged":
+            return self._prepare_weights(update)
         if not update.adapter_uri:
             raise permanent(
                 "full_checkpoint",
@@ -192,6 +375,22 @@ class PolicyTracker:
     def _activate(self, update: m.PolicyUpdate) -> None:
         started = time.monotonic()
         policy = self._prepare(update)
+        if self.handoff == "merged":
+            with self._vllm_lock:
+                self._check_base_model(update)
+            self._reload(policy)
+            seconds = time.monotonic() - started
+            self.m_version.set(policy.version)
+            self.m_reloads.inc()
+            self.m_reload_seconds.observe(seconds)
+            log.info(
+                "now sampling policy v%d: weights reloaded from %s, vLLM reports %s (%.2fs)",
+                policy.version,
+                policy.adapter_path,
+                policy.label,
+                seconds,
+            )
+            return
         with self._vllm_lock:
             self._check_base_model(update)
             action = self.served.ensure(policy.model, policy.adapter_path or "")
@@ -341,8 +540,16 @@ class PolicyTracker:
                 ):
                     self._attempt()
                 if not self.caught_up.is_set() and at_end and self._pending is None:
+                    self._check_weights()  # vLLM may hold another run's weights
                     self.caught_up.set()
                     log.info("policy topic read to its end: sampling v%d", self.current.version)
+                elif (
+                    self.handoff == "merged"
+                    and self.caught_up.is_set()
+                    and self._pending is None
+                    and (self._check_label.is_set() or time.monotonic() >= self._next_check)
+                ):
+                    self._check_weights()
         finally:
             consumer.close(autocommit=False)
             self.caught_up.set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
@@ -47,6 +47,12 @@ class SamplerSettings(ServiceSettings):
     stop: list[str] = Field(default_factory=list)
     request_timeout_s: float = Field(600.0, gt=0)
 
+    handoff: Literal["merged", "lora"] = Field(
+        "merged",
+        description="how each policy reaches vLLM: merged (full weights reloaded in place; "
+        "vLLM without --enable-lora, with VLLM_SERVER_DEV_MODE=1) or lora (runtime adapters); "
+        "ONPOLICY_HANDOFF sets stack, sampler and trainer at once",
+    )
     adapter_prefix: str = Field(
         "policy",
         description="vLLM name of version N is <prefix>-vN-<digest of the adapter's files>",

@@ -11,13 +11,14 @@ from google.protobuf.json_format import MessageToDict
 
 from onpolicy import ids
 from onpolicy import messages as m
-from onpolicy.bus import Output, Record
+from onpolicy.bus import Output, Record, TransientError
 from onpolicy.rounds import RoundBook
 from onpolicy.serde import InvalidRecord
 from onpolicy.telemetry import Metrics
-from onpolicy_sampler.policy import PolicyTracker
+from onpolicy_sampler.policy import Policy, PolicyTracker
 from onpolicy_sampler.settings import SamplerSettings
 from onpolicy_sampler.vllm_client import ModelNotLoaded, Sample, VllmClient
+from onpolicy_sampler.weights import served_label
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,27 @@ class Sampler:
             self.m_gate.dec()
 
     async def handle(self, record: Record[m.Prompt]) -> list[Output]:
-        prompt = record.message
         await self._wait_for_turn(record)
-        policy = self.tracker.current
+        if self.settings.handoff != "merged":
+            return await self._handle(record)
+        # merged: no reload between the request and the label read (the gate), and the group
+        # carries the policy whose label vLLM reports after the request.
+        async with self.tracker.gate.request():
+            policy = self.tracker.current
+            outputs = await self._handle(record, policy)
+            label = await served_label(self.client.http)
+        if not policy.proven_by(label):
+            self.m_errors.labels("weights_mismatch").inc()
+            self.tracker.notice_label(label)
+            raise TransientError(
+                f"vLLM reports weights {label!r} after the request, not v{policy.version}'s "
+                f"({policy.label or 'base'}): sampled again once they are reloaded"
+            )
+        return outputs
+
+    async def _handle(self, record: Record[m.Prompt], policy: Policy | None = None) -> list[Output]:
+        prompt = record.message
+        policy = policy or self.tracker.current
         params = sampling_params(self.settings, prompt)
         n = prompt.num_samples if prompt.HasField("num_samples") else self.settings.num_samples
         request: dict[str, Any] = {
@@ -151,7 +170,7 @@ class Sampler:
             source=m.PromptSource(
                 topic=record.topic, partition=record.partition, offset=record.offset
             ),
-            model=policy.model,
+            model=policy.label or policy.model,  # merged: the weights' label
             policy_version=policy.version,
             timings=m.Timings(queued_s=max(queued, 0.0), latency_s=latency),
             prompt_tokens=result.prompt_tokens,

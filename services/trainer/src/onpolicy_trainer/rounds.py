@@ -36,6 +36,7 @@ from onpolicy.telemetry import Metrics
 from onpolicy_trainer import hub
 from onpolicy_trainer.dpo import RoundAborted, RoundResult, train_round, zero_adapter
 from onpolicy_trainer.evaluation import REJECTED, Evaluator
+from onpolicy_trainer.merge import merge_adapter
 from onpolicy_trainer.pairs import admit, min_version, pair_length, to_rows
 from onpolicy_trainer.settings import TrainerSettings
 from onpolicy_trainer.store import CheckpointStore, SavedRound
@@ -98,6 +99,8 @@ def policy_update(saved: SavedRound) -> m.PolicyUpdate:
         update.checkpoint_uri = saved.uri
     else:
         update.adapter_uri = saved.uri
+        if merged := saved.meta.get("merged_uri"):
+            update.checkpoint_uri = merged  # handoff=merged: the samplers reload this
     if "restored_version" in saved.meta:
         update.restored_version = int(saved.meta["restored_version"])
         update.rejected_version = int(saved.meta["rejected_version"])
@@ -489,7 +492,15 @@ class RoundRunner:
                     mode="json", exclude={"kafka", "topics", "log", "http"}
                 ),
             }
+            if self.settings.handoff == "merged" and not self.settings.full_finetune:
+                merged = merge_adapter(self.settings.model, result.output_dir, Path(tmp) / "merged")
+                meta["merged_uri"] = self.store.save_merged(version, merged)
             saved = self.store.save_round(version, result.output_dir, rows, meta)
+            if "merged_uri" in meta:
+                try:
+                    self.store.prune_merged(self.settings.keep_merged)
+                except OSError:  # disk housekeeping: never fail the round on it
+                    log.exception("pruning old merged folders failed")
         if self.settings.hub_repo_id:
             try:
                 hub.push_round(self.settings, self.store, saved)

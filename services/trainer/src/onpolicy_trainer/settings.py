@@ -124,6 +124,16 @@ class TrainerSettings(ServiceSettings):
         description="the deployment reloads full checkpoints into vLLM some other way than the "
         "sampler (which refuses them); required by full_finetune",
     )
+    handoff: Literal["merged", "lora"] = Field(
+        "merged",
+        description="how samplers serve each policy: merged (the adapter merged into the base "
+        "weights, float32, saved as merged-v<N>/ and named by PolicyUpdate.checkpoint_uri; "
+        "vLLM reloads it in place) or lora (the adapter, loaded at run time). ONPOLICY_HANDOFF "
+        "sets stack, sampler and trainer at once",
+    )
+    keep_merged: int = Field(
+        2, ge=1, description="merged folders kept in the store (older ones are pruned)"
+    )
     lora_r: int = Field(8, ge=1, description="LoRA rank, at most max_lora_rank")
     max_lora_rank: int = Field(
         16,
@@ -163,15 +173,17 @@ class TrainerSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _servable(self) -> TrainerSettings:
-        if self.full_finetune and not self.full_weights_reload:
+        if self.full_finetune and not self.full_weights_reload and self.handoff != "merged":
             raise ValueError(
                 "full_finetune publishes full checkpoints (PolicyUpdate.checkpoint_uri), which "
                 "the sampler cannot hot-load: vLLM's runtime API loads LoRA adapters only. "
-                "Train LoRA adapters (full_finetune=false), or set full_weights_reload=true "
+                "Use handoff=merged (the samplers reload full weights in place) "
+                "[env ONPOLICY_HANDOFF], train LoRA adapters (full_finetune=false), or set "
+                "full_weights_reload=true "
                 "[env ONPOLICY_TRAINER_FULL_WEIGHTS_RELOAD] only if this deployment reloads "
                 "full weights into vLLM some other way"
             )
-        if not self.full_finetune and self.lora_r > self.max_lora_rank:
+        if not self.full_finetune and self.handoff == "lora" and self.lora_r > self.max_lora_rank:
             raise ValueError(
                 f"lora_r ({self.lora_r}) is above max_lora_rank ({self.max_lora_rank}), the "
                 "largest rank the samplers' vLLM serves (--max-lora-rank): every sampler would "

@@ -5,6 +5,9 @@ Layout under ``checkpoint_uri`` (a local folder or any fsspec URI, e.g. ``s3://b
     policy-v<N>/adapter_config.json, adapter_model.safetensors   (or a full model folder)
     policy-v<N>/round.json        written last: the round is complete once it exists
     datasets/round-<N>.parquet    the round's pairs (TRL columns + metadata)
+    merged-v<N>/config.json, model.safetensors, tokenizer   (handoff=merged: the adapter
+                                  merged into the base weights, what the samplers reload;
+                                  written before policy-v<N>, pruned beyond keep_merged)
 
 Saving is idempotent: a round is staged and moved in place by one rename on a local disk;
 on object storage (no atomic rename) ``round.json`` is uploaded last and marks completion.
@@ -73,6 +76,10 @@ class CheckpointStore:
         return f"policy-v{version}"
 
     @staticmethod
+    def merged_name(version: int) -> str:
+        return f"merged-v{version}"
+
+    @staticmethod
     def dataset_name(version: int) -> str:
         return f"round-{version}.parquet"
 
@@ -128,6 +135,45 @@ class CheckpointStore:
         return local
 
     # ------------------------------------------------------------------ writing
+    def save_merged(self, version: int, folder: Path) -> str:
+        """Store a round's merged model folder (before its policy folder, whose marker says the
+        round is complete); returns its URI. Idempotent: a leftover is replaced."""
+        name = self.merged_name(version)
+        if self.local:
+            root = Path(self.root)
+            staging = root / ".staging" / f"{name}-{uuid.uuid4().hex}"
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(folder, staging)
+            for file in staging.iterdir():  # vLLM may run as another user (its own container)
+                file.chmod(0o644)
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        else:
+            target = self.path(name)
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+                self.fs.put_file(str(file), f"{target}/{file.relative_to(folder).as_posix()}")
+        return self.uri(name)
+
+    def prune_merged(self, keep: int) -> list[int]:
+        """Remove merged folders beyond the newest ``keep`` (adapters and datasets stay)."""
+        if not self.fs.exists(self.root):
+            return []
+        versions = []
+        for entry in self.fs.ls(self.root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("merged-v") and name[len("merged-v") :].isdigit():
+                versions.append(int(name[len("merged-v") :]))
+        old = sorted(versions)[:-keep] if keep > 0 else sorted(versions)
+        for version in old:
+            self.fs.rm(self.path(self.merged_name(version)), recursive=True)
+        if old:
+            log.info("pruned merged weights of versions %s (keep_merged %d)", old, keep)
+        return old
+
     def clean_incomplete(self) -> list[int]:
         """Remove policy folders without their marker (a crash while saving)."""
         removed = []
