@@ -173,12 +173,13 @@ class KafkaSecurity:
             }
         )
 
-    def service_env(self, principal: str) -> dict[str, str]:
-        """The variables that log a service (or ``publisher``, with the shared prefix) in."""
-        prefix = "ONPOLICY_" if principal == "publisher" else f"ONPOLICY_{principal.upper()}_"
+    def login_env(self, principal: str, service: str) -> dict[str, str]:
+        """The variables that log ``service`` (its ``ONPOLICY_<SERVICE>_`` settings) in as
+        ``principal``."""
+        prefix = f"ONPOLICY_{service.upper()}_KAFKA__"
         return {
-            f"{prefix}KAFKA__SASL_USERNAME": principal,
-            f"{prefix}KAFKA__SASL_PASSWORD": self.password(principal),
+            f"{prefix}SASL_USERNAME": principal,
+            f"{prefix}SASL_PASSWORD": self.password(principal),
         }
 
     def shared_env(self) -> dict[str, str]:
