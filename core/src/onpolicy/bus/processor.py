@@ -51,7 +51,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import AuthorizationError, CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from onpolicy import ids
@@ -583,9 +583,10 @@ class Processor(Generic[M]):
                 if probe:
                     self.breaker.release()
                 raise
-            except ConfigurationError as exc:
+            except (ConfigurationError, AuthorizationError) as exc:
                 # Every record would fail alike: hold this one (not counted, not dead-lettered)
-                # and pause until a probe gets through.
+                # and pause until a probe gets through. Kafka refusing an output topic (the
+                # service's ACLs lack it) is such an error too, not this record's fault.
                 self.m_retries.labels(topic, "configuration").inc()
                 self.breaker.trip("config", str(exc))
                 if self._stop.is_set():
