@@ -147,7 +147,15 @@ class KafkaBroker:
         """The stack's Kafka settings aimed at this broker, logged in as ``principal`` when
         secured (the admin by default; without security, everyone is anonymous)."""
         kafka = self.settings.kafka.model_copy(update={"bootstrap_servers": self.bootstrap})
-        return kafka if self.security is None else self.security.client(kafka, principal)
+        if self.security is None:  # the plain broker speaks PLAINTEXT whatever the settings say
+            return kafka.model_copy(
+                update={
+                    "security_protocol": "PLAINTEXT",
+                    **dict.fromkeys(("sasl_mechanism", "sasl_username", "sasl_password")),
+                    **dict.fromkeys(("ssl_cafile", "ssl_certfile", "ssl_keyfile")),
+                }
+            )
+        return self.security.client(kafka, principal)
 
     def _write_config(self) -> Path:
         s = self.settings
