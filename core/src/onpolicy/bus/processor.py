@@ -16,10 +16,11 @@ Guarantees (at-least-once, nothing lost):
   consecutive transient failures (any record) open it, and so does one
   :class:`ConfigurationError` (the backend refuses every request: a rejected API key, a model
   that does not exist; or Kafka refuses an output topic, ``AuthorizationError``). While it
-  is open, no record is attempted, none is dead-lettered or committed, consumption is paused and the service is not ready (``/readyz``); after a
-  cool-down (``breaker_reset_s``, doubling up to ``breaker_max_reset_s`` while probes fail) one
-  waiting record is tried as a probe, and its success closes the breaker and resumes
-  consumption. Failures while the breaker is open, or that open it, do not count against a
+  is open, no record is attempted, none is dead-lettered or committed, consumption is paused
+  and the service is not ready (``/readyz``); after a cool-down (``breaker_reset_s``,
+  doubling up to ``breaker_max_reset_s`` while probes fail) one waiting record is tried as a
+  probe, and its success closes the breaker and resumes consumption. Failures while the
+  breaker is open, or that open it, do not count against a
   record's attempts: an outage dead-letters nothing. (A record failing while nothing else is
   in flight cannot be told from an outage: it opens the breaker and is held, not ready, until
   the backend takes it or an operator acts.)
