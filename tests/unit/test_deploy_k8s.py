@@ -228,7 +228,18 @@ def test_keda_scales_the_sampler_on_round_work_and_the_judge_on_its_lag(overlay:
             assert trigger["type"] == "kafka"
             assert meta["consumerGroup"] == name
             assert meta["topic"] == prefix + kind
-            assert meta["bootstrapServers"] == f"{cluster}-kafka-bootstrap.{namespace}.svc:9092"
+            (inside,) = [
+                lst
+                for lst in of_kind(objects, "Kafka")[0]["spec"]["kafka"]["listeners"]
+                if lst["type"] == "internal"
+            ]
+            assert meta["bootstrapServers"] == (
+                f"{cluster}-kafka-bootstrap.{namespace}.svc:{inside['port']}"
+            )
+            if "authentication" in inside:  # KEDA logs in as the services do (gpu overlays)
+                assert (meta["sasl"], meta["tls"]) == ("scram_sha512", "enable")
+                auth = named(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+                assert {p["parameter"] for p in auth["spec"]["env"]} == {"username", "password"}
             assert int(meta["lagThreshold"]) > 0
         # More consumers than partitions would idle.
         assert spec["minReplicaCount"] >= 1

@@ -23,6 +23,7 @@ def _stack_settings(args: argparse.Namespace):  # -> StackSettings (imported laz
 
 def cmd_up(args: argparse.Namespace) -> int:
     from onpolicy.bus import ensure_topics
+    from onpolicy.secrets import write_private
     from onpolicy.stack import KafkaBroker, VllmServer, ensure_default_model
 
     settings = _stack_settings(args)
@@ -33,7 +34,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         broker = KafkaBroker(settings)
         with console.status("starting Apache Kafka (KRaft, single node)..."):
             seconds = broker.start()
-        kafka = kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
+        kafka = broker.client()  # the admin's login when secured: it creates the topics
         console.print(f"[green]kafka[/] ready at {broker.bootstrap} ({seconds:.1f}s)")
     created = ensure_topics(kafka, settings.topics)
     console.print(
@@ -42,6 +43,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
     env = {"ONPOLICY_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers}
+    if not settings.external_kafka and broker.security is not None:
+        from onpolicy.stack.kafka_acls import SERVICE_PRINCIPALS
+
+        # Each service logs in as itself; the stack's own commands (status, topics, publish)
+        # as the admin. The publisher's password is in kafka-security/credentials.json.
+        env |= broker.security.shared_env()
+        for service in SERVICE_PRINCIPALS:
+            env |= broker.security.login_env(service, service)
+        env |= broker.security.login_env("admin", "stack")
     if not args.kafka_only:
         with console.status("preparing the model and the vLLM environment (first run: minutes)..."):
             model = ensure_default_model(settings)
@@ -63,7 +73,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         }
     settings.state.mkdir(parents=True, exist_ok=True)
     env_file = settings.state / "stack.env"
-    env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    # Private: when the broker is secured, it holds the services' passwords.
+    write_private(env_file, "".join(f"export {k}={v}\n" for k, v in env.items()))
     console.print(f"environment for the services: [bold]source {env_file}[/]")
     return 0
 

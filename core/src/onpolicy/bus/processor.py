@@ -15,11 +15,12 @@ Guarantees (at-least-once, nothing lost):
 - A circuit breaker (:mod:`onpolicy.bus.breaker`) guards the backend: ``breaker_failures``
   consecutive transient failures (any record) open it, and so does one
   :class:`ConfigurationError` (the backend refuses every request: a rejected API key, a model
-  that does not exist). While it is open, no record is attempted, none is dead-lettered or
-  committed, consumption is paused and the service is not ready (``/readyz``); after a
-  cool-down (``breaker_reset_s``, doubling up to ``breaker_max_reset_s`` while probes fail) one
-  waiting record is tried as a probe, and its success closes the breaker and resumes
-  consumption. Failures while the breaker is open, or that open it, do not count against a
+  that does not exist; or Kafka refuses an output topic, ``AuthorizationError``). While it
+  is open, no record is attempted, none is dead-lettered or committed, consumption is paused
+  and the service is not ready (``/readyz``); after a cool-down (``breaker_reset_s``,
+  doubling up to ``breaker_max_reset_s`` while probes fail) one waiting record is tried as a
+  probe, and its success closes the breaker and resumes consumption. Failures while the
+  breaker is open, or that open it, do not count against a
   record's attempts: an outage dead-letters nothing. (A record failing while nothing else is
   in flight cannot be told from an outage: it opens the breaker and is held, not ready, until
   the backend takes it or an operator acts.)
@@ -51,7 +52,7 @@ from typing import Generic, TypeVar
 from google.protobuf.message import Message
 from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import AuthorizationError, CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from onpolicy import ids
@@ -583,9 +584,10 @@ class Processor(Generic[M]):
                 if probe:
                     self.breaker.release()
                 raise
-            except ConfigurationError as exc:
+            except (ConfigurationError, AuthorizationError) as exc:
                 # Every record would fail alike: hold this one (not counted, not dead-lettered)
-                # and pause until a probe gets through.
+                # and pause until a probe gets through. Kafka refusing an output topic (the
+                # service's ACLs lack it) is such an error too, not this record's fault.
                 self.m_retries.labels(topic, "configuration").inc()
                 self.breaker.trip("config", str(exc))
                 if self._stop.is_set():

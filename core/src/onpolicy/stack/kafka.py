@@ -13,6 +13,9 @@ import socket
 import uuid
 from pathlib import Path
 
+from onpolicy.secrets import write_private
+from onpolicy.settings import KafkaSettings
+from onpolicy.stack.kafka_security import ADMIN, KafkaSecurity
 from onpolicy.stack.process import ManagedProcess, StackError, run_checked
 from onpolicy.stack.settings import StackSettings
 
@@ -133,10 +136,26 @@ class KafkaBroker:
         self.state = settings.state
         self.process = ManagedProcess("kafka", self.state)
         self.data = self.state / "kafka-data"
+        # kafka_security=sasl_ssl: TLS, SCRAM users and ACLs (see kafka_security).
+        self.security = KafkaSecurity(self.state) if settings.kafka_security == "sasl_ssl" else None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.settings.kafka_port}"
+
+    def client(self, principal: str = ADMIN) -> KafkaSettings:
+        """The stack's Kafka settings aimed at this broker, logged in as ``principal`` when
+        secured (the admin by default; without security, everyone is anonymous)."""
+        kafka = self.settings.kafka.model_copy(update={"bootstrap_servers": self.bootstrap})
+        if self.security is None:  # the plain broker speaks PLAINTEXT whatever the settings say
+            return kafka.model_copy(
+                update={
+                    "security_protocol": "PLAINTEXT",
+                    **dict.fromkeys(("sasl_mechanism", "sasl_username", "sasl_password")),
+                    **dict.fromkeys(("ssl_cafile", "ssl_certfile", "ssl_keyfile")),
+                }
+            )
+        return self.security.client(kafka, principal)
 
     def _write_config(self) -> Path:
         s = self.settings
@@ -165,8 +184,11 @@ class KafkaBroker:
         }
         if s.kafka_profile == "small":
             props |= _SMALL_PROPS
+        if self.security is not None:
+            props |= self.security.broker_props(s.kafka_port, s.kafka_controller_port)
         path = self.state / "server.properties"
-        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        # Private: when secured, it holds the admin's password.
+        write_private(path, "".join(f"{k}={v}\n" for k, v in props.items()))
         (self.state / "log4j2.yaml").write_text(_LOG4J2)
         return path
 
@@ -190,6 +212,8 @@ class KafkaBroker:
         libs = ensure_kafka_jars(self.settings)
         java = self._java()
         self.state.mkdir(parents=True, exist_ok=True)
+        if self.security is not None:
+            self.security.ensure()
         config = self._write_config()
         classpath = f"{libs}/*"
         if not (self.data / "meta.properties").exists():
@@ -207,6 +231,7 @@ class KafkaBroker:
                     f"--cluster-id={_cluster_id()}",
                     "-c",
                     str(config),
+                    *(self.security.format_args() if self.security else []),
                 ],
                 "formatting the Kafka log directory",
             )
@@ -224,7 +249,10 @@ class KafkaBroker:
                 str(config),
             ],
         )
-        return self.process.wait_until(self._serving, timeout, "ready")
+        seconds = self.process.wait_until(self._serving, timeout, "ready")
+        if self.security is not None:
+            self.security.apply_acls(self.client(), self.settings.topics)
+        return seconds
 
     def _serving(self) -> bool:
         if not port_open("127.0.0.1", self.settings.kafka_port):
@@ -232,7 +260,9 @@ class KafkaBroker:
         from kafka.admin import KafkaAdminClient  # a real request, not only an open port
 
         try:
-            admin = KafkaAdminClient(bootstrap_servers=[self.bootstrap], request_timeout_ms=3000)
+            admin = KafkaAdminClient(
+                **self.client().model_copy(update={"request_timeout_ms": 3000}).client_config()
+            )
         except Exception:
             return False
         try:

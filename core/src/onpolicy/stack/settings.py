@@ -35,6 +35,12 @@ class StackSettings(ServiceSettings):
         "for one machine's stack (idle, the broker took 0.63x the CPU and woke 0.67x as often, "
         "`python -m benchmarks stack`); kafka: Kafka's and the JVM's own defaults",
     )
+    kafka_security: Literal["none", "sasl_ssl"] = Field(
+        "none",
+        description="sasl_ssl: the local broker takes only TLS clients logging in with "
+        "SCRAM-SHA-512, one user per service, and its ACLs let each read and write only its "
+        "own topics and group (onpolicy.stack.kafka_security); none: plaintext, no login",
+    )
     external_kafka: bool = Field(
         False, description="a broker already runs at kafka.bootstrap_servers: start none"
     )

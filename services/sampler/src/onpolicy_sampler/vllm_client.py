@@ -3,8 +3,12 @@
 Adapters are loaded by :class:`onpolicy_sampler.policy.PolicyTracker`, not here.
 
 Errors are mapped onto the bus's classes: vLLM unreachable or answering 5xx is a
-:class:`TransientError` (retry, commit nothing); a 400 (prompt too long, bad parameters) is an
-:class:`InvalidRecord` (dead letter with vLLM's own message).
+:class:`TransientError` (retry, commit nothing); 401 and 403 (a server started with
+``--api-key`` refusing ``vllm_api_key``) and a 404 that is not about a model (a wrong
+``vllm_url``) are a :class:`VllmRejected`, a ``ConfigurationError``: every prompt would fail
+alike, so the processor pauses consumption and reports not ready, dead-lettering nothing, until
+a probe gets through; a 400 (prompt too long, bad parameters) is an :class:`InvalidRecord`
+(dead letter with vLLM's own message).
 """
 
 from __future__ import annotations
@@ -14,12 +18,24 @@ from typing import Any
 
 import httpx
 
-from onpolicy.bus import TransientError
+from onpolicy.bus import ConfigurationError, TransientError
 from onpolicy.serde import InvalidRecord
 
 
 class ModelNotLoaded(TransientError):
     """vLLM does not know the adapter (e.g. it restarted): reload it, then retry."""
+
+
+class VllmRejected(ConfigurationError):
+    """vLLM refuses every request as configured: the API key, or the URL."""
+
+
+_REJECTED_HINTS = {
+    401: "vLLM rejected the API key (vllm_api_key, ONPOLICY_SAMPLER_VLLM_API_KEY: missing or "
+    "not the server's --api-key)",
+    403: "vLLM refused the API key (vllm_api_key, ONPOLICY_SAMPLER_VLLM_API_KEY)",
+    404: "no such route on vLLM: is vllm_url ({url}) the server's root, without /v1?",
+}
 
 
 @dataclass
@@ -59,6 +75,7 @@ class VllmClient:
         api_key: str | None = None,
         timeout_s: float = 600.0,
         max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,  # tests: httpx.MockTransport
     ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
@@ -66,6 +83,7 @@ class VllmClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
+            transport=transport,
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
@@ -81,6 +99,11 @@ class VllmClient:
             raise TransientError(f"vLLM unreachable at {self.base_url}: {exc!r}") from exc
         if response.status_code == 404 and "does not exist" in response.text:
             raise ModelNotLoaded(f"vLLM does not serve {model!r}: {_detail(response)}")
+        if response.status_code in _REJECTED_HINTS:
+            hint = _REJECTED_HINTS[response.status_code].format(url=self.base_url)
+            raise VllmRejected(
+                f"{hint}; {path} answered {response.status_code}: {_detail(response)}"
+            )
         if response.status_code >= 500 or response.status_code == 429:
             raise TransientError(f"vLLM answered {response.status_code}: {_detail(response)}")
         if response.status_code >= 400:
