@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -11,15 +12,40 @@ from onpolicy.budget import DEFAULT_MAX_LENGTH, check_sequence_budget
 from onpolicy.settings import ServiceSettings
 
 
+# The bundled tasks: training prompts, held-out prompts (disjoint) and the judge that scores
+# them. "instructions": questions with checkable constraints (onpolicy_judge.constraints),
+# scored pass/fail, so the held-out reward is a pass rate a person can verify. "concise": the
+# same questions bare, with a judge that rewards form only (short, not repetitive, ended).
+TASKS: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
+    "instructions": (
+        "instructions_prompts.jsonl",
+        "instructions_eval_prompts.jsonl",
+        [{"name": "instructions"}],
+    ),
+    "concise": ("demo_prompts.jsonl", "demo_eval_prompts.jsonl", [{"name": "concise"}]),
+}
+
+
+def bundled(name: str) -> Path:
+    return Path(str(resources.files("onpolicy.data") / name))
+
+
 class RunSettings(ServiceSettings):
     """The loop: sample, judge, pair, DPO, hot-load the adapter, sample again."""
 
     service: ClassVar[str] = "run"
 
-    prompts: Path | None = Field(
-        None, description="JSONL, Parquet or dataset folder (default: demo)"
+    task: Literal["instructions", "concise"] = Field(
+        "instructions",
+        description="bundled prompts and judge: instructions (checkable constraints, "
+        "pass/fail) or concise (rewards short answers that end: form, not content); used "
+        "where prompts, eval_prompts or judge are not set (the judge only with the task's "
+        "own training prompts)",
     )
-    eval_prompts: Path | None = Field(None, description="held-out prompts (default: demo's)")
+    prompts: Path | None = Field(
+        None, description="JSONL, Parquet or dataset folder (default: the task's)"
+    )
+    eval_prompts: Path | None = Field(None, description="held-out prompts (default: the task's)")
     rounds: int = Field(3, ge=1, description="DPO rounds")
     prompts_per_round: int = Field(24, ge=1, description="fresh training prompts per round")
     eval_size: int = Field(24, ge=1, description="held-out prompts sampled at each evaluation")
@@ -74,6 +100,17 @@ class RunSettings(ServiceSettings):
             "max_length": 256,
         }
     )
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> RunSettings:
+        train, held_out, functions = TASKS[self.task]
+        if self.prompts is None:
+            self.prompts = bundled(train)
+            if not {"backend", "functions"} & self.judge.keys():
+                self.judge = {**self.judge, "backend": "function", "functions": functions}
+        if self.eval_prompts is None:
+            self.eval_prompts = bundled(held_out)
+        return self
 
     @model_validator(mode="after")
     def _sequence_budget(self) -> RunSettings:
