@@ -28,7 +28,7 @@ def score(text: str, spec: str, finish: str = "stop", **params) -> float:
         ("max_words=5", "Blue light scatters most.", "Blue light scatters the most, always."),
         ("include=light", "Sunlight? No: blue Lights scatter.", "Blue wavelengths scatter."),
         ("bullets=3", "Why:\n- one\n- two\n* three", "- one\n- two"),
-        ("end_with=Hope this helps!", 'Air scatters blue. "Hope this helps!"', "Hope this helps! Air."),
+        ("end_with=Hope this helps!", 'Air scatters. "Hope this helps!"', "Hope this helps! Air."),
         ("start_with=Sure", "Sure, here it is: air scatters blue.", "Surely air scatters blue."),
         ("no_commas", "Air scatters blue light.", "Air, mostly, scatters blue."),
         ("quoted", '"Air scatters blue light."', 'Air scatters "blue" light.'),
@@ -69,19 +69,25 @@ def test_a_prompt_without_constraints_is_an_invalid_record():
 
 def test_instructions_is_a_builtin_scorer():
     scorer = CombinedScorer.from_specs([{"name": "instructions"}])
-    group = [m.Completion(text="blue light.", finish_reason="stop"),
-             m.Completion(text="Blue light.", finish_reason="stop")]
+    group = [
+        m.Completion(text="blue light.", finish_reason="stop"),
+        m.Completion(text="Blue light.", finish_reason="stop"),
+    ]
     assert [scorer(x, prompt("lowercase")) for x in group] == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_bundled_tasks_are_valid_disjoint_and_checkable(task):
     train_file, eval_file, _ = TASKS[task]
-    train, held_out = load_prompts(bundled(train_file)).prompts, load_prompts(bundled(eval_file)).prompts
+    train = load_prompts(bundled(train_file)).prompts
+    held_out = load_prompts(bundled(eval_file)).prompts
     assert len(train) >= 192 and len(held_out) >= 48
     text = lambda p: p.messages[0].content.split("?")[0]  # noqa: E731 - the question itself
     assert not {text(p) for p in train} & {text(p) for p in held_out}
     if task == "instructions":
-        for p in train + held_out:
-            kinds = [kind for kind, _ in c.prompt_constraints(p)]
-            assert kinds[-1] == "include" and len(kinds) == 2  # a format, and on topic
+        kinds = [[kind for kind, _ in c.prompt_constraints(p)] for p in train + held_out]
+        formats = [p.metadata["format"] for p in train + held_out]
+        assert [k[0] for k in kinds] == formats and all(k[1:] in ([], ["include"]) for k in kinds)
+        # A word of the question to use keeps answers on topic; only questions of short
+        # words ("What is Wi-Fi?") have none.
+        assert sum(k[1:] == ["include"] for k in kinds) >= 0.95 * len(kinds)

@@ -223,9 +223,7 @@ def judge_overrides(args: argparse.Namespace) -> dict[str, Any]:
     endpoint (``--judge-model``, the token read from the variable ``--judge-token-env``
     names, never from the command line), ``--reward-model`` a sequence-classification folder.
     """
-    url_only = [
-        f for f in ("judge_model", "judge_token_env") if getattr(args, f, None) is not None
-    ]
+    url_only = [f for f in ("judge_model", "judge_token_env") if getattr(args, f, None) is not None]
     if url_only and not args.judge_url:
         raise ConfigError(
             f"--{url_only[0].replace('_', '-')} is a setting of the LLM judge: give --judge-url too"
@@ -256,11 +254,9 @@ def merge_judge(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from onpolicy.run.prompts import PromptFileError
-    from onpolicy.run.runner import Runner
+def run_settings(args: argparse.Namespace):  # -> RunSettings
+    """``onpolicy run``'s settings: the YAML file and environment, the flags over them."""
     from onpolicy.run.settings import RunSettings
-    from onpolicy.stack import StackSettings
 
     overrides = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
     if args.compare_offpolicy:
@@ -272,6 +268,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Over the judge section of the YAML file (its pairs.*, llm.* settings stay).
         overrides["judge"] = merge_judge(settings.judge, judge)
         settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from onpolicy.run.prompts import PromptFileError
+    from onpolicy.run.runner import Runner
+    from onpolicy.stack import StackSettings
+
+    settings = run_settings(args)
     stack = load_settings(StackSettings, config_file=args.config)
     try:
         runner = Runner(settings, stack)
@@ -485,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                 if field.default_factory or field.default is None
                 else (f" (default {field.default})")
             )
-            choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+            choices = (
+                get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+            )
             run.add_argument(
                 "--" + flag.replace("_", "-"),
                 type=kind,

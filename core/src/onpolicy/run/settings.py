@@ -11,7 +11,6 @@ from pydantic import Field, model_validator
 from onpolicy.budget import DEFAULT_MAX_LENGTH, check_sequence_budget
 from onpolicy.settings import ServiceSettings
 
-
 # The bundled tasks: training prompts, held-out prompts (disjoint) and the judge that scores
 # them. "instructions": questions with checkable constraints (onpolicy_judge.constraints),
 # scored pass/fail, so the held-out reward is a pass rate a person can verify. "concise": the
@@ -20,7 +19,8 @@ TASKS: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
     "instructions": (
         "instructions_prompts.jsonl",
         "instructions_eval_prompts.jsonl",
-        [{"name": "instructions"}],
+        # Instruction-level accuracy (IFEval's): the share of a prompt's constraints met.
+        [{"name": "instructions", "params": {"partial": True}}],
     ),
     "concise": ("demo_prompts.jsonl", "demo_eval_prompts.jsonl", [{"name": "concise"}]),
 }

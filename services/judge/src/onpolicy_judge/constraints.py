@@ -70,7 +70,7 @@ def no_commas(text: str, arg: str) -> bool:
 def quoted(text: str, arg: str) -> bool:
     """The whole answer is inside double quotation marks."""
     t = text.strip()
-    return len(t) > 2 and t[0] in "\"“" and t[-1] in "\"”"
+    return len(t) > 2 and t[0] in '"“' and t[-1] in '"”'
 
 
 CHECKS: dict[str, Callable[[str, str], bool]] = {
