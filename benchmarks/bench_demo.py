@@ -31,7 +31,7 @@ from typing import Any
 from onpolicy import messages as m
 from onpolicy.bus import read_topic
 from onpolicy.run.runner import Runner, local_stack
-from onpolicy.run.settings import RunSettings
+from onpolicy.run.settings import DEMO_TASK, RunSettings
 from onpolicy.settings import load_settings
 from onpolicy.stack import StackSettings
 
@@ -153,6 +153,9 @@ def run(args: Any, compare_offpolicy: bool = True) -> dict[str, Any]:
     if args.quick:
         extra |= {"rounds": 1, "prompts_per_round": 16, "eval_size": 16}
     base = load_settings(RunSettings, **extra)
+    if "task" not in base.model_fields_set:  # the demo's task, unless the YAML names one
+        extra["task"] = DEMO_TASK
+        base = load_settings(RunSettings, **extra)
     stack_settings = load_settings(StackSettings)
     runs_dir = Path(tempfile.mkdtemp(prefix="bench-demo-"))
     runs = []

@@ -49,21 +49,26 @@ def test_progress_is_printed_as_lines_without_a_terminal(capsys):
     assert "sampling 2/8" not in out
 
 
-def run_settings(argv, config=None):
-    """The RunSettings ``onpolicy run ARGV`` would use (parsing and merging only)."""
+def run_settings(argv, config=None, command="run"):
+    """The RunSettings ``onpolicy COMMAND ARGV`` would use (parsing and merging only)."""
     from onpolicy import cli
 
     prefix = [] if config is None else ["--config", str(config)]
-    return cli.run_settings(cli.build_parser().parse_args([*prefix, "run", *argv]))
+    return cli.run_settings(cli.build_parser().parse_args([*prefix, command, *argv]))
 
 
-def test_default_run_is_the_instructions_task_with_its_judge():
-    s = run_settings([])
+def test_demo_runs_the_instructions_task_and_run_keeps_concise(tmp_path):
+    s = run_settings([], command="demo")
     assert s.task == "instructions" and s.prompts.name == "instructions_prompts.jsonl"
+    assert s.eval_prompts.name == "instructions_eval_prompts.jsonl"
     assert s.judge["functions"][0]["name"] == "instructions"
-    concise = run_settings(["--task", "concise"])
-    assert concise.prompts.name == "demo_prompts.jsonl"
-    assert concise.judge["functions"] == [{"name": "concise"}]
+    plain = run_settings([])  # `onpolicy run`: as before the task existed
+    assert plain.task == "concise" and plain.prompts.name == "demo_prompts.jsonl"
+    assert plain.judge["functions"] == [{"name": "concise"}]
+    assert run_settings(["--task", "concise"], command="demo").task == "concise"
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n  task: concise\n")
+    assert run_settings([], config, command="demo").task == "concise"  # the YAML's choice
 
 
 def test_judge_flag_takes_function_specs():

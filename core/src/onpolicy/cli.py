@@ -256,7 +256,7 @@ def merge_judge(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
 
 def run_settings(args: argparse.Namespace):  # -> RunSettings
     """``onpolicy run``'s settings: the YAML file and environment, the flags over them."""
-    from onpolicy.run.settings import RunSettings
+    from onpolicy.run.settings import DEMO_TASK, RunSettings
 
     overrides = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
     if args.compare_offpolicy:
@@ -264,6 +264,9 @@ def run_settings(args: argparse.Namespace):  # -> RunSettings
     if args.external_stack:
         overrides["external_stack"] = True
     settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    if args.command == "demo" and "task" not in settings.model_fields_set:
+        overrides["task"] = DEMO_TASK  # no flag, YAML or variable named one
+        settings = load_settings(RunSettings, config_file=args.config, **overrides)
     if judge := judge_overrides(args):
         # Over the judge section of the YAML file (its pairs.*, llm.* settings stay).
         overrides["judge"] = merge_judge(settings.judge, judge)

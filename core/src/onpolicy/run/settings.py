@@ -26,6 +26,11 @@ TASKS: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
 }
 
 
+# What `onpolicy demo` (`make demo`) and `python -m benchmarks demo` run when nothing names a
+# task; `onpolicy run` keeps "concise", so runs and tests without a task are unchanged.
+DEMO_TASK = "instructions"
+
+
 def bundled(name: str) -> Path:
     return Path(str(resources.files("onpolicy.data") / name))
 
@@ -36,11 +41,11 @@ class RunSettings(ServiceSettings):
     service: ClassVar[str] = "run"
 
     task: Literal["instructions", "concise"] = Field(
-        "instructions",
-        description="bundled prompts and judge: instructions (checkable constraints, "
-        "pass/fail) or concise (rewards short answers that end: form, not content); used "
-        "where prompts, eval_prompts or judge are not set (the judge only with the task's "
-        "own training prompts)",
+        "concise",
+        description="bundled prompts and judge: instructions (checkable constraints; the "
+        "demo's default) or concise (rewards short answers that end: form, not content); "
+        "used where prompts, eval_prompts or judge are not set (the judge only with the "
+        "task's own training prompts)",
     )
     prompts: Path | None = Field(
         None, description="JSONL, Parquet or dataset folder (default: the task's)"
@@ -48,7 +53,9 @@ class RunSettings(ServiceSettings):
     eval_prompts: Path | None = Field(None, description="held-out prompts (default: the task's)")
     rounds: int = Field(3, ge=1, description="DPO rounds")
     prompts_per_round: int = Field(24, ge=1, description="fresh training prompts per round")
-    eval_size: int = Field(24, ge=1, description="held-out prompts sampled at each evaluation")
+    eval_size: int = Field(
+        48, ge=1, description="held-out prompts sampled at each evaluation (48: all of the demo's)"
+    )
     prompt_epochs: bool = Field(False, description="reuse the prompt set when it runs out")
     num_samples: int = Field(4, ge=2, description="samples per prompt (N)")
     max_tokens: int = Field(64, ge=1)
