@@ -91,3 +91,16 @@ def test_bundled_tasks_are_valid_disjoint_and_checkable(task):
         # A word of the question to use keeps answers on topic; only questions of short
         # words ("What is Wi-Fi?") have none.
         assert sum(k[1:] == ["include"] for k in kinds) >= 0.95 * len(kinds)
+
+
+def test_no_echo_fails_an_answer_that_repeats_the_question():
+    p = m.Prompt(
+        id="p",
+        text='Who was Julius Caesar? Do not use any commas. Use the word "julius".',
+        metadata={"constraints": "no_commas;include=julius"},
+    )
+    echo = m.Completion(text="Who was Julius Caesar? Do not use any commas.", finish_reason="stop")
+    answer = m.Completion(text="Julius Caesar was a Roman general.", finish_reason="stop")
+    assert c.instructions(echo, p) == 1.0  # off by default: the measured demo ran without it
+    assert c.instructions(echo, p, no_echo=True) == 0.0
+    assert c.instructions(answer, p, no_echo=True) == 1.0

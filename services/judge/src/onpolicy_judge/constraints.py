@@ -116,21 +116,36 @@ def results(text: str, constraints: list[tuple[str, str]]) -> list[bool]:
     return [CHECKS[kind](text, arg) for kind, arg in constraints]
 
 
+def echoes(text: str, prompt: m.Prompt) -> bool:
+    """The answer repeats a sentence of the prompt of 4 words or more (case ignored)."""
+    said = " ".join(_words(text)).casefold()
+    asked = prompt.messages[-1].content if prompt.messages else prompt.text
+    sentences = re.split(r"(?<=[.?!])\s+", asked)
+    return any(
+        len(w := _words(sentence)) >= 4 and " ".join(w).casefold() in said for sentence in sentences
+    )
+
+
 def instructions(
     completion: m.Completion,
     prompt: m.Prompt | None = None,
     *,
     partial: bool = False,
     require_finished: bool = True,
+    no_echo: bool = False,
 ) -> float:
     """1 when the answer meets every constraint of its prompt, else 0.
 
     ``partial``: the share of constraints met instead (a graded signal, no longer a pass
     rate). ``require_finished``: an answer cut off at the token limit scores 0, since a
-    person would not call half an answer one that follows the instructions.
+    person would not call half an answer one that follows the instructions. ``no_echo``:
+    an answer that repeats a sentence of the prompt scores 0 (in the demo's pilots the
+    policy learned to pass "Use the word X" and "no commas" by echoing the question).
     """
     checks = results(completion.text, prompt_constraints(prompt))
     if require_finished and completion.finish_reason == "length":
+        return 0.0
+    if no_echo and echoes(completion.text, prompt):
         return 0.0
     if partial:
         return sum(checks) / len(checks)
