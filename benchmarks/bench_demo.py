@@ -52,7 +52,7 @@ def eval_samples(kafka: Any, topic: str) -> dict[int, dict[str, dict[str, Any]]]
             "question": p.messages[0].content if p.messages else p.text,
             "format": p.metadata.get("format", ""),
             "scores": list(g.scores),
-            "answers": [c.text for c in g.completions],
+            "answers": [c.text for c in g.group.completions],
             "policy_version": g.group.policy_version,
         }
     return out
