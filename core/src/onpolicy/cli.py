@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
             "stack and the three services, runs the rounds and writes "
             "runs/<id>/ (report.json, report.png, pairs.parquet, adapters).",
         )
-        from onpolicy.run.settings import RunSettings
+        from onpolicy.run.settings import DEMO_TASK, RunSettings
 
         for flag, kind in RUN_FLAGS.items():
             field = RunSettings.model_fields[flag]
@@ -493,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                 if field.default_factory or field.default is None
                 else (f" (default {field.default})")
             )
+            if name == "demo" and flag == "task":
+                default = f" (default {DEMO_TASK})"
             choices = (
                 get_args(field.annotation) if get_origin(field.annotation) is Literal else None
             )
