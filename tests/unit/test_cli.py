@@ -47,3 +47,88 @@ def test_progress_is_printed_as_lines_without_a_terminal(capsys):
     out = capsys.readouterr().err  # progress goes to stderr, results to stdout
     assert "sampling 1/8" in out and "judging 8/8" in out and "round table" in out
     assert "sampling 2/8" not in out
+
+
+def run_settings(argv, config=None, command="run"):
+    """The RunSettings ``onpolicy COMMAND ARGV`` would use (parsing and merging only)."""
+    from onpolicy import cli
+
+    prefix = [] if config is None else ["--config", str(config)]
+    return cli.run_settings(cli.build_parser().parse_args([*prefix, command, *argv]))
+
+
+def test_demo_runs_the_instructions_task_and_run_keeps_concise(tmp_path):
+    s = run_settings([], command="demo")
+    assert s.task == "instructions" and s.prompts.name == "instructions_prompts.jsonl"
+    assert s.eval_prompts.name == "instructions_eval_prompts.jsonl"
+    assert s.judge["functions"][0]["name"] == "instructions"
+    plain = run_settings([])  # `onpolicy run`: as before the task existed
+    assert plain.task == "concise" and plain.prompts.name == "demo_prompts.jsonl"
+    assert plain.judge["functions"] == [{"name": "concise"}]
+    assert run_settings(["--task", "concise"], command="demo").task == "concise"
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n  task: concise\n")
+    assert run_settings([], config, command="demo").task == "concise"  # the YAML's choice
+
+
+def test_judge_flag_takes_function_specs():
+    s = run_settings(["--judge", "concise"])
+    assert s.judge == {"backend": "function", "functions": [{"name": "concise"}]}
+    s = run_settings(["--judge", "mymodule:score, length"])
+    assert [f["name"] for f in s.judge["functions"]] == ["mymodule:score", "length"]
+
+
+def test_llm_judge_flags_name_the_token_variable_never_the_token():
+    s = run_settings(
+        [
+            "--judge-url",
+            "https://api.example.com/v1",
+            "--judge-model",
+            "gpt-x",
+            "--judge-token-env",
+            "MY_TOKEN",
+        ]
+    )
+    assert s.judge["backend"] == "llm"
+    assert s.judge["llm"] == {
+        "base_url": "https://api.example.com/v1",
+        "model": "gpt-x",
+        "api_key_env": "MY_TOKEN",
+    }
+
+
+def test_reward_model_flag(tmp_path):
+    s = run_settings(["--reward-model", str(tmp_path)])
+    assert s.judge["backend"] == "reward_model" and s.judge["reward_model"] == {
+        "model": str(tmp_path)
+    }
+
+
+def test_judge_flags_go_over_the_yaml_judge_section(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n  judge:\n    pairs: {min_margin: 0.2}\n    llm: {temperature: 0.5}\n")
+    s = run_settings(["--judge-url", "http://127.0.0.1:9/v1"], config)
+    assert s.judge["pairs"] == {"min_margin": 0.2}  # the YAML's other settings stay
+    assert s.judge["llm"] == {"temperature": 0.5, "base_url": "http://127.0.0.1:9/v1"}
+
+
+def test_judge_flags_exclude_each_other_and_llm_options_need_a_url():
+    result = run(["-m", "onpolicy.cli", "run", "--judge", "concise", "--reward-model", "x"])
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+    result = run(["-m", "onpolicy.cli", "run", "--judge-model", "gpt-x"])
+    assert result.returncode == 2 and "--judge-model" in result.stderr
+    assert "--judge-url" in result.stderr
+
+
+def test_run_help_lists_the_judge_flags():
+    result = run(["-m", "onpolicy.cli", "run", "--help"])
+    assert result.returncode == 0
+    for flag in (
+        "--task",
+        "--judge SPEC",
+        "--judge-url",
+        "--judge-model",
+        "--reward-model",
+        "--judge-token-env",
+    ):
+        assert flag in result.stdout

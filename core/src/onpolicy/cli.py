@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 from rich.console import Console
 from rich.table import Table
@@ -223,14 +224,52 @@ RUN_FLAGS = {
     "prompts": Path,
     "eval_prompts": Path,
     "seed": int,
+    "task": str,
 }
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from onpolicy.run.prompts import PromptFileError
-    from onpolicy.run.runner import Runner
-    from onpolicy.run.settings import RunSettings
-    from onpolicy.stack import StackSettings
+def judge_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The judge section the judge flags ask for (empty: none given).
+
+    ``--judge`` a function spec (a built-in name or module:function; several, comma
+    separated, are averaged), ``--judge-url`` an LLM judge behind an OpenAI-compatible
+    endpoint (``--judge-model``, the token read from the variable ``--judge-token-env``
+    names, never from the command line), ``--reward-model`` a sequence-classification folder.
+    """
+    url_only = [f for f in ("judge_model", "judge_token_env") if getattr(args, f, None) is not None]
+    if url_only and not args.judge_url:
+        raise ConfigError(
+            f"--{url_only[0].replace('_', '-')} is a setting of the LLM judge: give --judge-url too"
+        )
+    if args.judge:
+        names = [n.strip() for n in args.judge.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--judge: name at least one scorer (e.g. --judge instructions)")
+        return {"backend": "function", "functions": [{"name": n} for n in names]}
+    if args.judge_url:
+        llm: dict[str, Any] = {"base_url": args.judge_url}
+        if args.judge_model:
+            llm["model"] = args.judge_model
+        if args.judge_token_env:
+            llm["api_key_env"] = args.judge_token_env
+        return {"backend": "llm", "llm": llm}
+    if args.reward_model:
+        return {"backend": "reward_model", "reward_model": {"model": str(args.reward_model)}}
+    return {}
+
+
+def merge_judge(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """The YAML's judge section with the flags' on top, one level deep (llm.* kept)."""
+    out = dict(base)
+    for key, value in flags.items():
+        old = out.get(key)
+        out[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
+def run_settings(args: argparse.Namespace):  # -> RunSettings
+    """``onpolicy run``'s settings: the YAML file and environment, the flags over them."""
+    from onpolicy.run.settings import DEMO_TASK, RunSettings
 
     overrides = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
     if args.compare_offpolicy:
@@ -238,6 +277,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.external_stack:
         overrides["external_stack"] = True
     settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    if args.command == "demo" and "task" not in settings.model_fields_set:
+        overrides["task"] = DEMO_TASK  # no flag, YAML or variable named one
+        settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    if judge := judge_overrides(args):
+        # Over the judge section of the YAML file (its pairs.*, llm.* settings stay).
+        overrides["judge"] = merge_judge(settings.judge, judge)
+        settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from onpolicy.run.prompts import PromptFileError
+    from onpolicy.run.runner import Runner
+    from onpolicy.stack import StackSettings
+
+    settings = run_settings(args)
     stack = load_settings(StackSettings, config_file=args.config)
     try:
         runner = Runner(settings, stack)
@@ -446,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
             "stack and the three services, runs the rounds and writes "
             "runs/<id>/ (report.json, report.png, pairs.parquet, adapters).",
         )
-        from onpolicy.run.settings import RunSettings
+        from onpolicy.run.settings import DEMO_TASK, RunSettings
 
         for flag, kind in RUN_FLAGS.items():
             field = RunSettings.model_fields[flag]
@@ -455,12 +510,49 @@ def build_parser() -> argparse.ArgumentParser:
                 if field.default_factory or field.default is None
                 else (f" (default {field.default})")
             )
+            if name == "demo" and flag == "task":
+                default = f" (default {DEMO_TASK})"
+            choices = (
+                get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+            )
             run.add_argument(
                 "--" + flag.replace("_", "-"),
                 type=kind,
                 dest=flag,
+                choices=choices,
                 help=f"{field.description or flag}{default}",
             )
+        judges = run.add_argument_group(
+            "judge (one of these; default: the task's own)",
+            "The judge can also be set in the YAML file (run.judge, the judge service's "
+            "settings); these flags go over it.",
+        ).add_mutually_exclusive_group()
+        judges.add_argument(
+            "--judge",
+            metavar="SPEC",
+            help="function judge: a built-in (instructions: the prompts' checkable "
+            "constraints, pass/fail; concise: short answers that end, form not content; "
+            "length, repetition, finished, exact_match, regex) or module:function; "
+            "several comma separated are averaged",
+        )
+        judges.add_argument(
+            "--judge-url",
+            metavar="URL",
+            help="LLM judge: an OpenAI-compatible base URL (e.g. https://api.openai.com/v1)",
+        )
+        judges.add_argument(
+            "--reward-model",
+            type=Path,
+            metavar="DIR",
+            help="reward model: a sequence-classification model folder",
+        )
+        run.add_argument("--judge-model", metavar="NAME", help="with --judge-url: the model name")
+        run.add_argument(
+            "--judge-token-env",
+            metavar="VAR",
+            help="with --judge-url: the environment variable holding the API token "
+            "(default OPENAI_API_KEY)",
+        )
         run.add_argument(
             "--compare-offpolicy",
             action="store_true",

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from onpolicy.budget import DEFAULT_MAX_LENGTH, check_sequence_budget
 from onpolicy.settings import ServiceSettings
+
+# The bundled tasks: training prompts, held-out prompts (disjoint) and the judge that scores
+# them. "instructions": questions with checkable constraints (onpolicy_judge.constraints),
+# scored pass/fail, so the held-out reward is a pass rate a person can verify. "concise": the
+# same questions bare, with a judge that rewards form only (short, not repetitive, ended).
+TASKS: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
+    "instructions": (
+        "instructions_prompts.jsonl",
+        "instructions_eval_prompts.jsonl",
+        # Instruction-level accuracy (IFEval's): the share of a prompt's constraints met.
+        [{"name": "instructions", "params": {"partial": True}}],
+    ),
+    "concise": ("demo_prompts.jsonl", "demo_eval_prompts.jsonl", [{"name": "concise"}]),
+}
+
+
+# What `onpolicy demo` (`make demo`) and `python -m benchmarks demo` run when nothing names a
+# task; `onpolicy run` keeps "concise", so runs and tests without a task are unchanged.
+DEMO_TASK = "instructions"
+
+
+def bundled(name: str) -> Path:
+    return Path(str(resources.files("onpolicy.data") / name))
 
 
 class RunSettings(ServiceSettings):
@@ -16,10 +40,17 @@ class RunSettings(ServiceSettings):
 
     service: ClassVar[str] = "run"
 
-    prompts: Path | None = Field(
-        None, description="JSONL, Parquet or dataset folder (default: demo)"
+    task: Literal["instructions", "concise"] = Field(
+        "concise",
+        description="bundled prompts and judge: instructions (checkable constraints; the "
+        "demo's default) or concise (rewards short answers that end: form, not content); "
+        "used where prompts, eval_prompts or judge are not set (the judge only with the "
+        "task's own training prompts)",
     )
-    eval_prompts: Path | None = Field(None, description="held-out prompts (default: demo's)")
+    prompts: Path | None = Field(
+        None, description="JSONL, Parquet or dataset folder (default: the task's)"
+    )
+    eval_prompts: Path | None = Field(None, description="held-out prompts (default: the task's)")
     rounds: int = Field(3, ge=1, description="DPO rounds")
     prompts_per_round: int = Field(
         24,
@@ -27,7 +58,9 @@ class RunSettings(ServiceSettings):
         description="pairs per round (the trainer's round_size); the run publishes up to "
         "twice as many fresh training prompts, since ties make no pair",
     )
-    eval_size: int = Field(24, ge=1, description="held-out prompts sampled at each evaluation")
+    eval_size: int = Field(
+        48, ge=1, description="held-out prompts sampled at each evaluation (48: all of the demo's)"
+    )
     prompt_epochs: bool = Field(False, description="reuse the prompt set when it runs out")
     num_samples: int = Field(4, ge=2, description="samples per prompt (N)")
     max_tokens: int = Field(64, ge=1)
@@ -79,6 +112,17 @@ class RunSettings(ServiceSettings):
             "max_length": 256,
         }
     )
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> RunSettings:
+        train, held_out, functions = TASKS[self.task]
+        if self.prompts is None:
+            self.prompts = bundled(train)
+            if not {"backend", "functions"} & self.judge.keys():
+                self.judge = {**self.judge, "backend": "function", "functions": functions}
+        if self.eval_prompts is None:
+            self.eval_prompts = bundled(held_out)
+        return self
 
     @model_validator(mode="after")
     def _sequence_budget(self) -> RunSettings:

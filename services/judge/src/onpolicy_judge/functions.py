@@ -4,9 +4,10 @@ A scorer is ``fn(completion: Completion, prompt: Prompt, **params) -> float``. B
 in :data:`BUILTINS`; any importable ``module:function`` with that signature works too.
 Several scorers combine into one score by their weights (:class:`CombinedScorer`).
 
-The demo's judge is :func:`concise`: SmolLM2-135M rambles, repeats itself and runs into the
-token limit, so rewarding short, non-repetitive answers that end properly gives DPO a signal
-it can learn in a few rounds.
+The demo's judge is ``instructions`` (:mod:`onpolicy_judge.constraints`): checkable
+instruction constraints carried by each prompt, scored pass or fail. :func:`concise` rewards
+form only (short, non-repetitive, ended): SmolLM2-135M learns it in a few rounds, by giving
+shorter answers, right or wrong.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import re2
 from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.serde import InvalidRecord
+from onpolicy_judge.constraints import instructions
 
 Scorer = Callable[..., float]
 
@@ -168,6 +170,7 @@ def regex(
 
 
 BUILTINS: dict[str, Scorer] = {
+    "instructions": instructions,
     "concise": concise,
     "length": length_score,
     "repetition": repetition_score,
