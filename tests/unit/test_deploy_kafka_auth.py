@@ -45,9 +45,10 @@ def grants(user: dict) -> set[Grant]:
     for acl in user["spec"]["authorization"]["acls"]:
         assert acl.get("type", "allow") == "allow" and acl.get("host", "*") == "*"
         resource = acl["resource"]
-        assert resource.get("patternType", "literal") == "literal"  # no prefix wildcards
+        pattern = resource.get("patternType", "literal")
+        assert pattern in ("literal", "prefix")
         for operation in acl["operations"]:
-            out.add(Grant(principal, resource["type"], resource["name"], operation))
+            out.add(Grant(principal, resource["type"], resource["name"], operation, pattern))
     return out
 
 
@@ -70,9 +71,10 @@ def test_kafka_users_have_the_local_stacks_acls_and_every_listener_authenticates
     prefix = shared_config(objects)["topics"]["prefix"]
     expected = set(acl_plan(TopicSettings(prefix=prefix), GROUPS))
     assert set().union(*(grants(u) for u in users.values())) == expected
-    # The publisher in particular: prompts, written, and nothing more.
+    # The publisher in particular: training and held-out prompts, written, and nothing more.
     assert grants(users["prompt-publisher"]) == {
-        Grant("publisher", "topic", f"{prefix}prompts", "Write")
+        Grant("publisher", "topic", f"{prefix}prompts", "Write"),
+        Grant("publisher", "topic", f"{prefix}heldout", "Write"),
     }
 
 

@@ -81,7 +81,8 @@ def test_a_client_logs_in_as_its_principal(security) -> None:
 def test_the_acl_table_keeps_the_publisher_to_prompts() -> None:
     plan = acl_plan(TopicSettings(prefix="x."))
     assert [g for g in plan if g.principal == "publisher"] == [
-        Grant("publisher", "topic", "x.prompts", "Write")
+        Grant("publisher", "topic", "x.heldout", "Write"),
+        Grant("publisher", "topic", "x.prompts", "Write"),
     ]
     writers = {g.name: set() for g in plan}
     for g in plan:
@@ -89,5 +90,11 @@ def test_the_acl_table_keeps_the_publisher_to_prompts() -> None:
             writers[g.name].add(g.principal)
     assert writers["x.policy"] == {"trainer"} and writers["x.pairs"] == {"judge"}
     assert writers["x.completions"] == {"sampler"} and writers["x.scored"] == {"judge"}
-    groups = {g.principal: g.name for g in plan if g.resource == "group"}
-    assert groups == {"sampler": "sampler", "judge": "judge", "trainer": "trainer"}
+    assert writers["x.evals"] == {"trainer"}
+    groups = {(g.principal, g.name, g.pattern) for g in plan if g.resource == "group"}
+    assert groups == {
+        ("sampler", "sampler", "literal"),
+        ("sampler", "sampler.heldout.", "prefix"),  # one held-out group per policy version
+        ("judge", "judge", "literal"),
+        ("trainer", "trainer", "literal"),
+    }

@@ -16,22 +16,30 @@ from onpolicy.settings import TopicKind, TopicSettings
 
 # Topics per principal, from the services' code (topics.name(...) in each).
 ACCESS: dict[str, dict[str, tuple[TopicKind, ...]]] = {
-    # Prompts in (group sampler); follows the policy and the round plans; completions out;
+    # Prompts in (group sampler); the held-out prompts with every version it serves (groups
+    # sampler.heldout.v<N>); follows the policy and the round plans; completions out;
     # prompts and policy updates it cannot use go to the dead-letter topic.
-    "sampler": {"read": ("prompts", "policy", "rounds"), "write": ("completions", "dlq")},
+    "sampler": {
+        "read": ("prompts", "heldout", "policy", "rounds"),
+        "write": ("completions", "dlq"),
+    },
     # Completions in (group judge); scored groups and pairs out.
     "judge": {"read": ("completions",), "write": ("scored", "pairs", "dlq")},
     # Pairs in (group trainer); the planner follows prompts, scored groups, dead letters and
-    # its own plans; the round runner recovers from and publishes the policy.
+    # its own plans; the round runner recovers from and publishes the policy; the evaluator
+    # follows the held-out prompts, scored groups and its own results.
     "trainer": {
-        "read": ("pairs", "prompts", "scored", "dlq", "rounds", "policy"),
-        "write": ("policy", "rounds", "dlq"),
+        "read": ("pairs", "prompts", "scored", "dlq", "rounds", "policy", "heldout", "evals"),
+        "write": ("policy", "rounds", "evals", "dlq"),
     },
-    # Outside clients that feed the loop: prompts only, nothing read.
-    "publisher": {"read": (), "write": ("prompts",)},
+    # Outside clients that feed the loop: training and held-out prompts only, nothing read.
+    "publisher": {"read": (), "write": ("prompts", "heldout")},
 }
 # The consumer group each service's principal may use (the services' default group_id).
 GROUPS: dict[str, str] = {"sampler": "sampler", "judge": "judge", "trainer": "trainer"}
+# Consumer groups by prefix: the sampler's held-out groups, one per policy version
+# (onpolicy_sampler.evaluation.heldout_group_id).
+GROUP_PREFIXES: dict[str, str] = {"sampler": "sampler.heldout."}
 SERVICE_PRINCIPALS = ("sampler", "judge", "trainer")
 PRINCIPALS = (*SERVICE_PRINCIPALS, "publisher")
 
@@ -44,6 +52,7 @@ class Grant:
     resource: str  # "topic" or "group"
     name: str
     operation: str
+    pattern: str = "literal"  # or "prefix": every name starting with ``name``
 
 
 def acl_plan(topics: TopicSettings, groups: dict[str, str] | None = None) -> list[Grant]:
@@ -56,4 +65,7 @@ def acl_plan(topics: TopicSettings, groups: dict[str, str] | None = None) -> lis
                 plan.add(Grant(principal, "topic", topics.name(kind), operation.title()))
         if principal in groups:
             plan.add(Grant(principal, "group", groups[principal], "Read"))
+            if principal in GROUP_PREFIXES:
+                prefix = GROUP_PREFIXES[principal].replace(GROUPS[principal], groups[principal], 1)
+                plan.add(Grant(principal, "group", prefix, "Read", "prefix"))
     return sorted(plan)

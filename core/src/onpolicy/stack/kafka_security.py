@@ -212,7 +212,11 @@ class KafkaSecurity:
                 operation=ACLOperation[g.operation.upper()],
                 permission_type=ACLPermissionType.ALLOW,
                 resource_pattern=ResourcePattern(
-                    ResourceType[g.resource.upper()], g.name, ACLResourcePatternType.LITERAL
+                    ResourceType[g.resource.upper()],
+                    g.name,
+                    ACLResourcePatternType.PREFIXED
+                    if g.pattern == "prefix"
+                    else ACLResourcePatternType.LITERAL,
                 ),
             )
             for g in acl_plan(topics)
