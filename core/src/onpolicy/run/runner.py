@@ -31,9 +31,11 @@ from onpolicy.stack import KafkaBroker, StackSettings, VllmServer, ensure_defaul
 
 log = logging.getLogger(__name__)
 
-# Training prompts published per prompt a run's rounds nominally need (prompts_per_round
-# pairs per round): a group whose samples tie makes no pair (the demo's yield is ~0.7-0.9).
-PROMPT_HEADROOM = 2
+# Training prompts published per pair a run's rounds need (prompts_per_round pairs per
+# round), at most: a group whose samples tie, or none of whose answers ended, makes no pair
+# (the demo's yield is ~0.8 pairs per prompt; 40-token answers, mostly cut off, ~0.3). The
+# trainer plans only what each round needs; the rest stays in Kafka, never sampled.
+PROMPT_HEADROOM = 4
 
 
 @dataclass
@@ -138,7 +140,7 @@ class Runner:
         sampler takes only the prompts a round needs, each sampled by the policy the round
         improves (``max_staleness`` 1: one version older at most); unplanned prompts stay in
         Kafka. More prompts are published than the rounds should need, because ties make no
-        pair: up to ``PROMPT_HEADROOM`` times, as far as the prompt set allows.
+        pair: up to ``PROMPT_HEADROOM`` per pair, as far as the prompt set allows.
         """
         s = self.settings
         count = s.rounds * s.prompts_per_round * PROMPT_HEADROOM

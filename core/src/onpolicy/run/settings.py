@@ -56,7 +56,7 @@ class RunSettings(ServiceSettings):
         24,
         ge=1,
         description="pairs per round (the trainer's round_size); the run publishes up to "
-        "twice as many fresh training prompts, since ties make no pair",
+        "four fresh training prompts per pair (as far as the prompt set goes): ties make none",
     )
     eval_size: int = Field(
         48, ge=1, description="held-out prompts sampled at each evaluation (48: all of the demo's)"
