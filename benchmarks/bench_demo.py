@@ -39,7 +39,8 @@ PLOT = Path(__file__).parent.parent / "docs" / "demo-instructions.png"
 
 
 def eval_samples(kafka: Any, topic: str) -> dict[int, dict[str, dict[str, Any]]]:
-    """Held-out groups of one lineage: evaluation round -> prompt -> scores, answers."""
+    """Held-out groups of one lineage: policy version -> prompt -> scores, answers (every
+    version samples the held-out prompts of the `heldout` topic once)."""
     out: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     seen = set()
     for record in read_topic(kafka, topic, m.ScoredGroup, timeout_s=120):
@@ -48,7 +49,7 @@ def eval_samples(kafka: Any, topic: str) -> dict[int, dict[str, dict[str, Any]]]
         if p.dataset_split != "eval" or g.id in seen:
             continue
         seen.add(g.id)
-        out[p.round][p.id.rsplit(":", 2)[0]] = {
+        out[g.group.policy_version][p.id.rsplit(":", 2)[0]] = {
             "question": p.messages[0].content if p.messages else p.text,
             "format": p.metadata.get("format", ""),
             "scores": list(g.scores),
