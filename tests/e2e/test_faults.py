@@ -66,11 +66,11 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
         vllm_url=vllm.url,
         model=model_dir,
         rounds=1,
-        prompts_per_round=6,
+        prompts_per_round=3,
         eval_size=2,
         eval_samples=2,
         num_samples=3,
-        max_tokens=40,
+        max_tokens=48,
         max_prompt_tokens=96,  # the demo's prompts have at most 60 tokens
         runs_dir=tmp_path / "runs",
         run_id="killed",
@@ -94,7 +94,7 @@ def test_a_judge_and_a_trainer_killed_mid_run_are_restarted_and_the_run_complete
         assert f"--- onpolicy run: {service} exited with -9" in log
     # Every group was judged (the killed judge's unfinished ones by its successor), and the
     # round the killed trainer lost was trained by the next one: v1 is what round 1 sampled.
-    assert first["train_groups"] >= 6 and first["eval_reward_mean"] is not None
+    assert first["train_groups"] >= 3 and first["eval_reward_mean"] is not None
     assert last["policy_version"] == 1 and last["eval_reward_mean"] is not None
     assert first["train_metrics"]
     trainer_log = (runner.run_dir / "onpolicy" / "trainer.log").read_text()

@@ -28,6 +28,11 @@ from onpolicy.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
 
+# A protocol round that has planned every published prompt and made no progress for this
+# long needs more prompts (the trainer trains a short round after its round_timeout_s, 30 s,
+# when it has any pair at all).
+STALL_S = 60.0
+
 Status = Callable[[str], None]
 
 
@@ -254,6 +259,8 @@ class Lineage:
         futures = [self.producer.send(self.topics.name(kind), p) for p in prompts]  # type: ignore[arg-type]
         for future in futures:
             future.result(60)
+        if kind == "prompts":
+            self.published_train += sum(p.dataset_split == "train" for p in prompts)
 
     def sample_and_judge(
         self, record: RoundRecord, train: list[m.Prompt], published_earlier: int = 0
@@ -404,9 +411,13 @@ class Lineage:
         until(lambda: self.sampler_version() >= target, f"the sampler to load v{target}")
         record.loading_s = time.monotonic() - started
 
-    def watch(self, record: RoundRecord, final: bool) -> None:
+    def watch(self, record: RoundRecord, final: bool, more: Callable[[], int] = lambda: 0) -> None:
         """Round protocol: follow what the services do with policy ``record.policy_version``
         until it is evaluated and (unless ``final``) the next version is published and served.
+
+        ``more`` publishes further training prompts (returns how many): asked when the round
+        has planned every prompt published so far and nothing moved for ``STALL_S`` (its
+        groups made too few pairs); none left is an error that says so.
 
         The figures come from the topics: the groups this version sampled, their scores and
         pairs, the PolicyUpdate of the round it sampled for, its EvalResult; the times from
@@ -418,6 +429,23 @@ class Lineage:
         last_group = last_score = published_at = None
         counts = (0, 0)
         arrivals: list[float] = []  # when new groups of this version were seen
+        progress: tuple = ()
+        moved = started
+
+        def starved(now: float) -> bool:
+            """Every published prompt planned, and nothing happening: the round needs more."""
+            nonlocal progress, moved
+            newest: dict[int, m.RoundPlan] = {}
+            for p in self.plans.records:
+                if p.round not in newest or p.seq > newest[p.round].seq:
+                    newest[p.round] = p
+            seqs = tuple(sorted((r, p.seq) for r, p in newest.items()))
+            mark = (counts, len(self.pairs.records), seqs)
+            if mark != progress:
+                progress, moved = mark, now
+                return False
+            planned = sum(p.train_prompts for p in newest.values())
+            return now - moved > STALL_S and planned >= self.published_train
 
         def mine(tail: TopicTail) -> list:
             def group_of(x):
@@ -433,7 +461,7 @@ class Lineage:
             return next((u for u in self.policy.records if u.version == target), None)
 
         def done() -> bool:
-            nonlocal last_group, last_score, published_at, counts
+            nonlocal last_group, last_score, published_at, counts, moved
             self.refresh()
             now = time.monotonic()
             have = (len(mine(self.completions)), len(mine(self.scored)))
@@ -460,6 +488,21 @@ class Lineage:
                 + ("" if evaluated else ", evaluating")
             )
             if update() is None:
+                if starved(now):
+                    added = more()
+                    if not added:
+                        raise RuntimeError(
+                            f"the prompt set ran out: {self.published_train} training prompts "
+                            f"made too few pairs for round {target} (prompts_per_round "
+                            f"{self.settings.prompts_per_round}); give more prompts, set "
+                            "prompt_epochs, or lower prompts_per_round"
+                        )
+                    self.status(
+                        f"[{self.name}] round {target} is short of pairs: published "
+                        f"{added} more training prompts",
+                        final=True,
+                    )
+                    moved = now
                 return False
             published_at = published_at or now
             return evaluated and self.sampler_version() >= target

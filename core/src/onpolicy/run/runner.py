@@ -143,19 +143,35 @@ class Runner:
         pair: up to ``PROMPT_HEADROOM`` per pair, as far as the prompt set allows.
         """
         s = self.settings
-        count = s.rounds * s.prompts_per_round * PROMPT_HEADROOM
-        if not s.prompt_epochs:
-            count = min(count, len(self.train_source.prompts))
-        prompts = take(self.train_source, count, 0, s.prompt_epochs)
-        # Tagged with a nominal round (which the ids carry, so a reused prompt is a new record);
-        # which round trains a prompt is the trainer's plan.
-        nominal = [tagged(p, i // s.prompts_per_round, "train") for i, p in enumerate(prompts)]
-        lineage.publish(nominal)
-        self.status(f"[{lineage.name}] published {len(prompts)} training prompts")
+        cursor = 0
+
+        def publish(count: int) -> int:
+            """The next ``count`` training prompts of the set (fewer where it ends)."""
+            nonlocal cursor
+            if not s.prompt_epochs:
+                count = min(count, len(self.train_source.prompts) - cursor)
+            if count <= 0:
+                return 0
+            batch = take(self.train_source, count, cursor, s.prompt_epochs)
+            # Tagged with a nominal round (which the ids carry, so a reused prompt is a new
+            # record); which round trains a prompt is the trainer's plan.
+            lineage.publish(
+                [
+                    tagged(p, (cursor + i) // s.prompts_per_round, "train")
+                    for i, p in enumerate(batch)
+                ]
+            )
+            cursor += len(batch)
+            return len(batch)
+
+        first = publish(s.rounds * s.prompts_per_round * PROMPT_HEADROOM)
+        self.status(f"[{lineage.name}] published {first} training prompts")
         for r in range(s.rounds + 1):
             record = RoundRecord(round=r, policy_version=r)
             lineage.rounds.append(record)
-            lineage.watch(record, final=r == s.rounds)
+            lineage.watch(
+                record, final=r == s.rounds, more=lambda: publish(s.prompts_per_round * 4)
+            )
             self._print_round(lineage, record)
 
     def off_policy(self, lineage: Lineage, pairs_per_round: list[int]) -> None:
