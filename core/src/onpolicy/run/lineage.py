@@ -113,6 +113,7 @@ class Lineage:
         # publishes and watches) or rounds driven by the run (the off-policy comparison).
         self.protocol = protocol
         self.heldout = list(heldout or [])
+        self.published_train = 0  # training prompts this run published
         self.settings = settings
         self.dir = run_dir / name
         self.dir.mkdir(parents=True, exist_ok=True)
