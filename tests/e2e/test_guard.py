@@ -1,7 +1,8 @@
 """The regression guard in a real run: a policy made worse on purpose is rolled back.
 
-Training pairs are scored upside down (``reversed_judge``) and trained hard, so v1 answers
-worse on the held-out prompts than v0 by the judge the evaluation uses. The trainer's
+Training pairs prefer answers cut off at the token limit (``reversed_judge``) and are trained
+hard, so v1 stops ending its answers and scores worse on the held-out prompts than v0 by the
+judge the evaluation uses (``concise``). The trainer's
 evaluator rejects v1, the next version (v2) carries v0's weights (a LoRA whose B matrices are
 zero), the pairs v1 sampled are dropped as rolled_back, and the sampler ends up serving v2.
 """
@@ -66,8 +67,10 @@ def test_a_policy_made_worse_on_purpose_is_rolled_back_to_the_better_version(
             "per_device_batch_size": 4,
             # Hard enough that one round of reversed pairs moves the answers a long way.
             "learning_rate": 3e-3,
-            "num_epochs": 2,
-            "evaluation": {"margin_se": 1.0},
+            "num_epochs": 3,
+            # Any drop rejects: the test is about what a rejection does, and the drop here is
+            # large (measured: held-out 0.58-0.68 for v0; a milder reversal gave v1 0.52-0.55).
+            "evaluation": {"margin_se": 0.0},
         },
     )
     stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
