@@ -63,6 +63,15 @@ class RoundRecord:
     completion_tokens: int = 0
     train_metrics: dict[str, float] = field(default_factory=dict)
 
+    def take_evaluation(self, result: m.EvalResult) -> None:
+        """This version's held-out figures, as the services' EvalResult gives them."""
+        self.eval_reward_mean = result.mean
+        self.eval_reward_se = result.se
+        self.eval_prompts = result.prompts
+        self.eval_completion_tokens_mean = result.mean_tokens
+        self.eval_finished_rate = result.finished_rate
+        self.eval_verdict = result.verdict
+
     @property
     def next_version(self) -> int:
         """The policy after this round: a round without pairs trains nothing (``train``)."""
@@ -332,12 +341,7 @@ class Lineage:
         record.train_groups = len(self._of(self.scored, r, "train"))
         record.train_reward_mean = statistics.fmean(train_scores) if train_scores else None
         if (result := evaluated()) is not None:
-            record.eval_reward_mean = result.mean
-            record.eval_reward_se = result.se
-            record.eval_prompts = result.prompts
-            record.eval_completion_tokens_mean = result.mean_tokens
-            record.eval_finished_rate = result.finished_rate
-            record.eval_verdict = result.verdict
+            record.take_evaluation(result)
         record.pairs = len(self._of(self.pairs, r, "train"))
 
     def train(self, record: RoundRecord) -> None:
@@ -519,12 +523,7 @@ class Lineage:
         record.sampling_s = ((last_group or started) - started) if groups else 0.0
         record.judging_s = max((last_score or started) - (last_group or started), 0.0)
         if (result := self.evals.by_id.get(ids.eval_id(v))) is not None:
-            record.eval_reward_mean = result.mean
-            record.eval_reward_se = result.se
-            record.eval_prompts = result.prompts
-            record.eval_completion_tokens_mean = result.mean_tokens
-            record.eval_finished_rate = result.finished_rate
-            record.eval_verdict = result.verdict
+            record.take_evaluation(result)
         if final or (new := update()) is None:
             return
         record.pairs = new.num_pairs
