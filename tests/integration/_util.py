@@ -11,6 +11,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from kafka.admin import KafkaAdminClient
 
+from onpolicy import messages as m
 from onpolicy.bus import Processor, Record, read_topic
 from onpolicy.settings import KafkaSettings
 
@@ -65,3 +66,21 @@ def committed(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int]:
 def sample_value(metrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(f"onpolicy_{metrics.service}_{name}", labels)
     return value or 0.0
+
+
+def scored(
+    topics, prompt_id: str, version: int, scores: list[float], topic: str = "heldout"
+) -> m.ScoredGroup:
+    """A judged group of ``version`` for ``prompt_id`` from ``topic`` (held-out by default)."""
+    group = m.CompletionGroup(
+        id=f"g-{prompt_id}-{version}-{topic}",
+        prompt_id=prompt_id,
+        prompt=m.Prompt(id=prompt_id, text="q", dataset_split="eval"),
+        completions=[
+            m.Completion(index=i, text="a", num_tokens=10 + i, finish_reason="stop")
+            for i in range(len(scores))
+        ],
+        policy_version=version,
+        source=m.PromptSource(topic=topics.name(topic), partition=0, offset=0),
+    )
+    return m.ScoredGroup(id=f"s-{group.id}", group=group, scores=scores, judge_id="fn:test")

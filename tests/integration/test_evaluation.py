@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _util import scored
 
 from onpolicy import messages as m
 from onpolicy.bus import Producer, read_topic
@@ -11,21 +12,6 @@ from onpolicy_trainer.evaluation import Evaluator
 from onpolicy_trainer.settings import TrainerSettings
 
 PROMPTS = ["p-a", "p-b", "p-c"]
-
-
-def scored(topics, prompt_id: str, version: int, scores: list[float], topic: str = "heldout"):
-    group = m.CompletionGroup(
-        id=f"g-{prompt_id}-{version}-{topic}",
-        prompt_id=prompt_id,
-        prompt=m.Prompt(id=prompt_id, text="q", dataset_split="eval"),
-        completions=[
-            m.Completion(index=i, text="a", num_tokens=10 + i, finish_reason="stop")
-            for i in range(len(scores))
-        ],
-        policy_version=version,
-        source=m.PromptSource(topic=topics.name(topic), partition=0, offset=0),
-    )
-    return m.ScoredGroup(id=f"s-{group.id}", group=group, scores=scores, judge_id="fn:test")
 
 
 @pytest.fixture

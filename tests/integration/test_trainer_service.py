@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
-from _util import committed, running, sample_value, wait_records, wait_until
+from _util import committed, running, sample_value, scored, wait_records, wait_until
 from fastapi.testclient import TestClient
 
 from onpolicy import messages as m
@@ -416,3 +416,56 @@ def test_stop_during_a_round_cuts_it_short_and_saves_publishes_commits_nothing(
     assert list(read_topic(kafka, topics.name("policy"), m.PolicyUpdate)) == []
     assert sum(committed(kafka, settings.group_id, topics.name("pairs")).values()) == 0
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").rglob("*.parquet"))
+
+
+def test_a_rejected_version_is_rolled_back_at_once_even_without_pairs(
+    kafka, topics, model_dir, tmp_path
+):
+    """The guard acts on the verdict itself: v1 makes no pair at all, its held-out score
+    falls below v0's, and the trainer publishes v2 with v0's weights right away; a pair v1
+    sampled later is dropped, and a restarted trainer rolls back nothing twice."""
+    from safetensors.torch import load_file
+
+    earlier = m.PolicyUpdate(version=1, adapter_uri="/nonexistent/policy-v1", base_model="b")
+    publish(kafka, topics.name("policy"), [earlier])
+    prompts = [m.Prompt(id=f"h{i}", text=f"held-out {i}", dataset_split="eval") for i in range(4)]
+    publish(kafka, topics.name("heldout"), prompts)
+    good, bad = ([0.9, 0.8], [0.8, 0.9], [0.85, 0.8], [0.9, 0.9]), [[0.1, 0.2]] * 4
+    publish(
+        kafka,
+        topics.name("scored"),
+        [scored(topics, p.id, 0, s) for p, s in zip(prompts, good, strict=True)]
+        + [scored(topics, p.id, 1, s) for p, s in zip(prompts, bad, strict=True)],
+    )
+    settings = settings_for(
+        kafka, topics, model_dir, tmp_path / "ckpt", handoff="lora", evaluation={"margin_se": 2}
+    )
+    processor, client, metrics = service(settings)
+    with running(processor):
+        records = wait_records(kafka, topics.name("policy"), m.PolicyUpdate, 2, timeout=120)
+        rollback = records[1].message
+        assert (rollback.version, rollback.restored_version, rollback.rejected_version) == (2, 0, 1)
+        assert rollback.num_pairs == 0
+        # v0 restored: every LoRA B matrix is zero, so the samplers serve the base model.
+        weights = load_file(str(Path(rollback.adapter_uri) / "adapter_model.safetensors"))
+        b = [t for name, t in weights.items() if "lora_B" in name]
+        assert b and all(float(t.abs().max()) == 0.0 for t in b)
+        assert sample_value(metrics, "policy_rollbacks_total") == 1
+        assert client.get("/evals").json()["results"][1]["verdict"] == "rejected"
+        # A pair v1 sampled (arriving late) is never trained.
+        publish(kafka, topics.name("pairs"), make_pairs(1, policy_version=1))
+        wait_until(
+            lambda: sample_value(metrics, "pairs_dropped_total", reason="rolled_back") == 1,
+            timeout=60,
+            what="the rejected version's pair dropped",
+        )
+    # Restarted: it knows v1 was rolled back (from the policy topic) and does not redo it.
+    processor, client, metrics = service(settings)
+    assert processor.runner.rejected_versions == {1} and processor.runner.current == 2
+    with running(processor):
+        wait_until(
+            lambda: processor.runner.evaluator._caught_up.is_set(), timeout=60, what="caught up"
+        )
+        time.sleep(2)  # room for a wrong second rollback to be published
+    versions = [r.message.version for r in read_topic(kafka, topics.name("policy"), m.PolicyUpdate)]
+    assert versions == [1, 2]

@@ -55,7 +55,7 @@ class _View:
 def planner(view: _View, round_size: int = 4, current: int = 0) -> RoundPlanner:
     p = RoundPlanner.__new__(RoundPlanner)
     p.settings = TrainerSettings(model="m", round_size=round_size)
-    p.runner = SimpleNamespace(current=current)
+    p.runner = SimpleNamespace(current=current, rejected_versions=set())
     p.book = RoundBook()
     p.view = view  # type: ignore[assignment]
     return p

@@ -301,6 +301,12 @@ class Processor(Generic[M]):
         self.m_poison.labels(source)
 
     # ----------------------------------------------------------------- lifecycle
+    @property
+    def handler_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the handlers run on (running once :meth:`run` started): work that
+        must not interleave with the handlers is scheduled onto it from other threads."""
+        return self._loop
+
     def run(self, install_signal_handlers: bool = True) -> None:
         """Process until :meth:`stop` (or SIGTERM/SIGINT when installed); then drain."""
         if install_signal_handlers and threading.current_thread() is threading.main_thread():

@@ -97,6 +97,9 @@ def build(settings: TrainerSettings, metrics: Metrics, server: ServiceServer) ->
         producer=producer,
     )
     runner.stopping = processor.stopping  # SIGTERM cuts a running round short
+    runner.bind(processor.handler_loop)
+    if evaluator is not None and settings.evaluation.guard:
+        evaluator.on_rejected = runner.rollback_threadsafe
     processor.runner = runner  # for tests and the e2e loop
     if settings.round_protocol:
         processor.planner = RoundPlanner(settings, runner, producer, metrics)

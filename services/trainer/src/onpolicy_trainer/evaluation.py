@@ -10,8 +10,10 @@ publishes that version's :class:`EvalResult` (key ``eval-v<N>``) and the Prometh
 
 The verdict compares the version with the best earlier *promoted* version: ``rejected`` when
 its mean is below that version's by more than ``margin_se`` standard errors of the difference
-(sqrt(se_a^2 + se_b^2)). The trainer's rounds ask for the verdict of the policy that sampled
-them before training on it (``rounds.RoundRunner``): a rejected policy is rolled back.
+(sqrt(se_a^2 + se_b^2)). A rejection is acted on at once (``on_rejected``: the trainer
+publishes the next version with the best version's weights, ``rounds.RoundRunner.rollback``),
+and a round about to train on a policy's pairs asks for its verdict first, so a rejected
+policy is rolled back whether or not it made pairs.
 
 All of this is recomputed from Kafka after a restart; results already published keep their
 verdict (read back from `evals`).
@@ -127,6 +129,9 @@ class Evaluator:
         self._thread: threading.Thread | None = None
         self._consumer: KafkaConsumer | None = None
         self._caught_up = threading.Event()  # read the three topics to their end once
+        # Called (from this thread) with each rejected result: once published, and for
+        # results read back after a restart (a rollback the crash interrupted is redone).
+        self.on_rejected: Callable[[m.EvalResult], object] | None = None
         labels = ("version",)
         self.m_reward = metrics.gauge("eval_reward", "Held-out mean score per version", labels)
         self.m_se = metrics.gauge("eval_reward_se", "Standard error of eval_reward", labels)
@@ -236,6 +241,16 @@ class Evaluator:
                 )
             with self._changed:
                 self._changed.notify_all()
+            if result.verdict == REJECTED:
+                self._notify_rejected(result)
+
+    def _notify_rejected(self, result: m.EvalResult) -> None:
+        if self.on_rejected is None:
+            return
+        try:
+            self.on_rejected(result)
+        except Exception:  # the trainer's own round guard still checks the verdict
+            log.exception("acting on the rejection of policy v%d failed", result.version)
 
     def _export(self, result: m.EvalResult) -> None:
         v = str(result.version)
@@ -293,6 +308,9 @@ class Evaluator:
                         self._take(tp.topic, raw)
                 if not self._caught_up.is_set() and self._at_end():
                     self._caught_up.set()
+                    for version in sorted(self.results):  # what a restart interrupted
+                        if self.results[version].verdict == REJECTED:
+                            self._notify_rejected(self.results[version])
                 if self._caught_up.is_set():
                     self._publish_due()
         except Exception:

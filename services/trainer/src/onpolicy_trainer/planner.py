@@ -235,6 +235,9 @@ class RoundPlanner:
                     out.pending += 1
                     continue
                 out.done_train += entry.train
+                # Pairs of a rolled-back version are never trained: the prompt is done
+                # without pairs, and the round grows by others (sampled by the restored one).
+                groups = [g for g in groups if g[0] not in self.runner.rejected_versions]
                 for version, _, pair_ids in groups:
                     if entry.train and pair_ids:
                         out.pair_ids.update(pair_ids)

@@ -141,6 +141,9 @@ class RoundRunner:
             "rolled_back": 0,  # sampled by a policy the guard rejected
         }
         self.rejected: set[str] = set()  # ids of dropped pairs (a planned round skips them)
+        # Versions the guard rejected and rolled back (from the policy topic): what they
+        # sampled is never trained.
+        self.rejected_versions: set[int] = set()
         self._budget_warned = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
@@ -191,12 +194,17 @@ class RoundRunner:
         """Find the current version; publish saved-but-unpublished rounds; learn seen pairs."""
         self.store.clean_incomplete()
         saved = self.store.rounds()
-        published = {
-            r.message.version
-            for r in read_topic(self.producer.kafka, self.policy_topic, m.PolicyUpdate)
+        updates = [
+            r.message for r in read_topic(self.producer.kafka, self.policy_topic, m.PolicyUpdate)
+        ]
+        published = {u.version for u in updates}
+        self.rejected_versions |= {
+            u.rejected_version for u in updates if u.HasField("rejected_version")
         }
         for round_ in saved:
             self.seen.update(self.store.pair_ids(round_.version))
+            if "rejected_version" in round_.meta:
+                self.rejected_versions.add(int(round_.meta["rejected_version"]))
             if round_.version not in published:
                 log.warning(
                     "policy-v%d was saved but never published: publishing it", round_.version
@@ -233,11 +241,15 @@ class RoundRunner:
             published=published,
         )
 
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop the handlers run on: rounds and rollbacks are scheduled onto it."""
+        self._loop = loop
+        self._lock = asyncio.Lock()
+
     # ------------------------------------------------------------------ the handler
     async def handle(self, record: Record[m.PreferencePair]) -> list[Output]:
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._lock = asyncio.Lock()
+            self.bind(asyncio.get_running_loop())
         pair = record.message
         # Buffered or training ids count as seen too (the bus already holds back a copy of a
         # record still being handled; this guards the buffer itself).
@@ -251,6 +263,8 @@ class RoundRunner:
                 self.seen,
                 self.settings.max_length,
             )
+        if verdict in ("ok", "stale") and pair.policy_version in self.rejected_versions:
+            verdict = "rolled_back"  # the more telling reason of the two
         if verdict != "ok":
             self._drop(verdict, pair)
             return []  # nothing to train: its offset may commit
@@ -347,22 +361,38 @@ class RoundRunner:
                 self._timer = self._loop.call_later(self.settings.round_timeout_s, self._on_timeout)
 
     # ------------------------------------------------------------------ one round
-    async def _round(self, batch: list[tuple[m.PreferencePair, asyncio.Future[None]]]) -> None:
+    async def _round(
+        self,
+        batch: list[tuple[m.PreferencePair, asyncio.Future[None]]],
+        restore: tuple[int, int] | None = None,
+    ) -> None:
+        """Train ``batch`` into the next version, or with ``restore`` (restored, rejected)
+        publish the next version with the restored version's weights (a rollback; the
+        batch, sampled by the rejected version, is dropped)."""
         version = self.current + 1
-        # Pairs buffered while the previous round trained may have gone stale since.
+        # Pairs buffered while the previous round trained may have gone stale since, or
+        # have been sampled by a version rolled back meanwhile.
         oldest = min_version(self.current, self.settings.max_staleness)
         keep = []
         for pair, future in batch:
-            if pair.policy_version < oldest:
-                self._drop("stale", pair)
+            reason = (
+                "stale"
+                if pair.policy_version < oldest
+                else "rolled_back"
+                if pair.policy_version in self.rejected_versions
+                else None
+            )
+            if reason is not None:
+                self._drop(reason, pair)
                 self.claimed.discard(pair.id)
                 future.set_result(None)
             else:
                 keep.append((pair, future))
-        if not keep:
+        if not keep and restore is None:
             return
         pairs = [pair for pair, _ in keep]
-        restore = await self._guard()
+        if restore is None:
+            restore = await self._guard()
         started = time.monotonic()
         try:
             saved = await asyncio.to_thread(self._train_and_save, version, pairs, restore)
@@ -380,6 +410,7 @@ class RoundRunner:
         seconds = time.monotonic() - started
         if restore is not None:
             # Sampled by the rejected policy: no round of the restored one may train them.
+            self.rejected_versions.add(restore[1])
             for pair in pairs:
                 self._drop("rolled_back", pair)
             self.m_rollbacks.inc()
@@ -440,6 +471,44 @@ class RoundRunner:
             version,
         )
         return result.best_version, version
+
+    async def rollback(self, result: m.EvalResult) -> None:
+        """Act on a rejection as soon as it is published: when ``result``'s version is still
+        the current policy, publish the next version with the best version's weights now,
+        instead of when a round of the rejected policy's pairs would train (a policy that
+        makes no pairs at all, or too few for a round, is rolled back too)."""
+        assert self._lock is not None
+        async with self._lock:
+            rejected = result.version
+            if rejected != self.current or rejected in self.rejected_versions:
+                if rejected < self.current and rejected not in self.rejected_versions:
+                    log.warning(
+                        "policy v%d was rejected after v%d was made from it: nothing rolled "
+                        "back (the guard of v%d decides on its own evaluation)",
+                        rejected,
+                        self.current,
+                        self.current,
+                    )
+                return
+            log.warning(
+                "policy v%d was rejected by the guard: policy v%d gets the weights of v%d now, "
+                "and the pairs v%d sampled are dropped (rolled_back)",
+                rejected,
+                rejected + 1,
+                result.best_version,
+                rejected,
+            )
+            batch = [(p, f) for p, f in self.buffer if p.policy_version == rejected]
+            self.buffer = [(p, f) for p, f in self.buffer if p.policy_version != rejected]
+            self._buffer_changed()
+            await self._round(batch, restore=(result.best_version, rejected))
+
+    def rollback_threadsafe(self, result: m.EvalResult) -> Future[None] | None:
+        """Schedule :meth:`rollback` on the handler loop (the evaluator's thread calls it)."""
+        if self._loop is None or self._loop.is_closed():
+            log.warning("policy v%d rejected before the trainer started consuming", result.version)
+            return None
+        return asyncio.run_coroutine_threadsafe(self.rollback(result), self._loop)
 
     def _policy_dir(self, version: int, out: Path) -> None:
         """Write policy ``version``'s weights to ``out``: its saved folder, or for v0 (the

@@ -52,6 +52,8 @@ class SavedRound:
 
 
 def rows_table(rows: Sequence[Row]) -> pa.Table:
+    if not rows:  # a rollback trains nothing: its dataset still has the columns (no rows)
+        return pa.table({c: pa.array([], pa.null()) for c in COLUMNS})
     return pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows])
 
 
