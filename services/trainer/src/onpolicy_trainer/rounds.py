@@ -144,6 +144,7 @@ class RoundRunner:
         # Versions the guard rejected and rolled back (from the policy topic): what they
         # sampled is never trained.
         self.rejected_versions: set[int] = set()
+        self.restores: set[int] = set()  # versions published with an earlier one's weights
         self._budget_warned = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
@@ -201,10 +202,12 @@ class RoundRunner:
         self.rejected_versions |= {
             u.rejected_version for u in updates if u.HasField("rejected_version")
         }
+        self.restores |= {u.version for u in updates if u.HasField("restored_version")}
         for round_ in saved:
             self.seen.update(self.store.pair_ids(round_.version))
             if "rejected_version" in round_.meta:
                 self.rejected_versions.add(int(round_.meta["rejected_version"]))
+                self.restores.add(round_.version)
             if round_.version not in published:
                 log.warning(
                     "policy-v%d was saved but never published: publishing it", round_.version
@@ -411,6 +414,7 @@ class RoundRunner:
         if restore is not None:
             # Sampled by the rejected policy: no round of the restored one may train them.
             self.rejected_versions.add(restore[1])
+            self.restores.add(version)
             for pair in pairs:
                 self._drop("rolled_back", pair)
             self.m_rollbacks.inc()
@@ -460,8 +464,8 @@ class RoundRunner:
                     evaluation.wait_s,
                 )
             return None
-        if result.verdict != REJECTED:
-            return None
+        if result.verdict != REJECTED or version in self.restores:
+            return None  # a restored version has the weights it was compared with: noise
         log.warning(
             "policy v%d was rejected by the guard: policy v%d gets the weights of v%d, and the "
             "pairs v%d sampled are dropped (rolled_back)",
@@ -489,6 +493,22 @@ class RoundRunner:
                         self.current,
                         self.current,
                     )
+                return
+            if rejected in self.restores:
+                # It has the weights it was compared with: the gap is sampling noise.
+                log.warning(
+                    "policy v%d (a restored version) scored below v%d: kept",
+                    rejected,
+                    result.best_version,
+                )
+                return
+            if self.settings.max_version is not None and rejected >= self.settings.max_version:
+                log.warning(
+                    "policy v%d, the last version (max_version), was rejected: nothing rolled "
+                    "back; serve v%d's weights to keep the better policy",
+                    rejected,
+                    result.best_version,
+                )
                 return
             log.warning(
                 "policy v%d was rejected by the guard: policy v%d gets the weights of v%d now, "
