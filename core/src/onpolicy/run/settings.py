@@ -19,8 +19,10 @@ TASKS: dict[str, tuple[str, str, list[dict[str, Any]]]] = {
     "instructions": (
         "instructions_prompts.jsonl",
         "instructions_eval_prompts.jsonl",
-        # Instruction-level accuracy (IFEval's): the share of a prompt's constraints met.
-        [{"name": "instructions", "params": {"partial": True}}],
+        # Instruction-level accuracy (IFEval's): the share of a prompt's constraints met. An
+        # answer that repeats a sentence of the question scores 0: in the pilots the policy
+        # learned to pass "use the word X" and "no commas" by echoing the question.
+        [{"name": "instructions", "params": {"partial": True, "no_echo": True}}],
     ),
     "concise": ("demo_prompts.jsonl", "demo_eval_prompts.jsonl", [{"name": "concise"}]),
 }
