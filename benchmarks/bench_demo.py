@@ -21,6 +21,7 @@ Results: ``benchmarks/results/demo.json``, the plot ``docs/demo-instructions.png
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -150,6 +151,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 def run(args: Any, compare_offpolicy: bool = True) -> dict[str, Any]:
     seeds = getattr(args, "seeds", None) or 3
+    # ONPOLICY_HANDOFF=lora: the same demo with the LoRA hand-off (the wall time before the
+    # merged hand-off), on-policy only, written beside the default as demo-lora.json.
+    lora = os.environ.get("ONPOLICY_HANDOFF") == "lora"
+    compare_offpolicy = compare_offpolicy and not lora
     extra: dict[str, Any] = {}
     if args.quick:
         extra |= {"rounds": 1, "prompts_per_round": 16, "eval_size": 16}
@@ -191,6 +196,15 @@ def run(args: Any, compare_offpolicy: bool = True) -> dict[str, Any]:
                 f"{one['onpolicy']['rounds'][-1]['reward']:.3f}",
                 flush=True,
             )
+    if lora:
+        result = aggregate(base, runs)
+        result["variant"] = "lora"
+        result["summary"] = (
+            f"**Demo with the LoRA hand-off** (`ONPOLICY_HANDOFF=lora python -m benchmarks "
+            f"demo --seeds {len(runs)}`): on-policy run {result['wall_s'] / 60:.1f} min, "
+            f"held-out {result['eval_before']:.3f} -> {result['eval_after']:.3f}."
+        )
+        return result
     plot(runs, PLOT)
     return aggregate(base, runs)
 
