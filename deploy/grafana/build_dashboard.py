@@ -428,9 +428,22 @@ def build() -> dict[str, Any]:
     )
     d.panel(
         "Round duration",
-        [("max(onpolicy_trainer_round_seconds)", "last round")],
+        [
+            # round_seconds is a histogram: its series are _bucket, _sum and _count.
+            (
+                "sum(onpolicy_trainer_round_seconds_sum) / "
+                "sum(onpolicy_trainer_round_seconds_count)",
+                "mean of the rounds so far",
+            ),
+            (
+                f"sum(increase(onpolicy_trainer_round_seconds_sum[{RATE}])) / "
+                f"sum(increase(onpolicy_trainer_round_seconds_count[{RATE}]))",
+                "rounds ended in the interval",
+            ),
+        ],
         unit="s",
         width=12,
+        description="Train + save of a round (the trainer's round_seconds histogram).",
     )
     d.panel(
         "Sampler policy load failures",
