@@ -347,7 +347,9 @@ def build() -> dict[str, Any]:
     d.panel(
         "vLLM prefix cache hits/s",
         [(f"sum(rate(vllm:prefix_cache_hits_total{{{VLLM}}}[{RATE}]))", "hits")],
-        description="Prefix-cache hits (tokens): all N samples of a prompt share its prefix.",
+        description="Prefix-cache hits (tokens): all N samples of a prompt share its prefix. "
+        "vLLM caches whole KV blocks only (128 tokens on the CPU backend): prompts shorter "
+        "than a block never hit.",
     )
     d.panel(
         "vLLM generation tokens/s per model",
