@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,9 @@ SYSTEMS = ("onpolicy", "script", "online_dpo")
 DEFAULT_ROUNDS = 3
 DEFAULT_PROMPTS_PER_ROUND = 24
 DEFAULT_REPEATS = 1
-FINAL_SAMPLES = 4  # samples per held-out prompt for eval_before / eval_after
+# Samples per held-out prompt for eval_before / eval_after; equal to eval_samples (2), the
+# last per-version evaluation of the script and of OnlineDPO is their eval_after.
+FINAL_SAMPLES = 2
 LABEL = "bench-peers"
 
 
@@ -170,12 +173,6 @@ def _goal(value: float | None, s: dict[str, Any], _: int) -> bool | None:
 
 
 # ---------------------------------------------------------------------------- vLLM access
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Served:
     """The shared vLLM server: chat sampling and in-place weight reloads (dev mode)."""
 
@@ -463,6 +460,7 @@ def run_script(ctx: dict[str, Any]) -> dict[str, Any]:
             per_device_train_batch_size=cfg.batch_size,
             max_length=cfg.max_length,
             use_cpu=True,
+            bf16=False,  # as the trainer service on a CPU (TRL's default is True)
             seed=cfg.seed,
             logging_steps=1,
             save_strategy="no",
@@ -503,7 +501,8 @@ def run_script(ctx: dict[str, Any]) -> dict[str, Any]:
         )
         del trainer, model
     wall = time.monotonic() - t0
-    final = evaluate(served, ctx["heldout"], cfg.final_samples, cfg)
+    final = ev if cfg.final_samples == cfg.eval_samples else None
+    final = final or evaluate(served, ctx["heldout"], cfg.final_samples, cfg)
     served.restore_base()
     return {
         "wall_s": wall,
@@ -553,7 +552,7 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
     steps_per_round = math.ceil(cfg.prompts_per_round / cfg.batch_size)
     points: list[tuple[float, float]] = []
     timings: list[dict[str, float]] = []
-    clock = {"eval_s": 0.0}
+    clock: dict[str, Any] = {"eval_s": 0.0}
 
     def checkpoint(model: Any, version: int) -> None:
         t = time.monotonic()
@@ -565,6 +564,7 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
         t_loaded = time.monotonic()
         ev = evaluate(served, ctx["heldout"], cfg.eval_samples, cfg)
         clock["eval_s"] += ev["seconds"]
+        clock["last"] = ev
         points.append((time.monotonic() - clock["t0"], ev["reward"]))
         timings.append({"merge_reload_s": t_loaded - t, "eval_s": ev["seconds"]})
 
@@ -589,6 +589,7 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
         top_p=1.0,
         top_k=0,
         use_cpu=True,
+        bf16=False,
         seed=cfg.seed,
         logging_steps=1,
         save_strategy="no",
@@ -610,7 +611,8 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
     checkpoint(trainer.model, 0)
     trainer.train()
     wall = time.monotonic() - clock["t0"]
-    final = evaluate(served, ctx["heldout"], cfg.final_samples, cfg)
+    final = clock["last"] if cfg.final_samples == cfg.eval_samples else None
+    final = final or evaluate(served, ctx["heldout"], cfg.final_samples, cfg)
     served.restore_base()
     margins = [e["rewards/margins"] for e in trainer.state.log_history if "rewards/margins" in e]
     return {
@@ -707,9 +709,45 @@ def summary_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Ports and state folder of the benchmark's own stack (not the default stack's): fixed, so
+# that a run started with ONPOLICY_PEERS_KEEP_STACK=1 leaves Kafka and vLLM up for the next.
+KAFKA_PORT, CONTROLLER_PORT, VLLM_PORT = 19392, 19393, 18392
+VLLM_READY_S = 1500.0  # dev mode compiles at start: ~130 s idle, over 300 s on a loaded machine
+
+
+@contextlib.contextmanager
+def peers_stack(base: Any, stack_settings: Any) -> Iterator[Any]:
+    """Kafka and vLLM (merged hand-off: dev mode) for every system, started once."""
+    from onpolicy.run.runner import Stack
+    from onpolicy.stack import KafkaBroker, VllmServer, ensure_default_model
+
+    keep = os.environ.get("ONPOLICY_PEERS_KEEP_STACK") == "1"
+    broker = KafkaBroker(stack_settings)
+    broker_started = not broker.process.running()
+    model = ensure_default_model(stack_settings)
+    server = VllmServer(stack_settings, model)
+    server_started = not server.process.running()
+    try:
+        broker.start()
+        kafka = base.kafka.model_copy(update={"bootstrap_servers": broker.bootstrap})
+        server.start(timeout=VLLM_READY_S)
+        yield Stack(kafka, server.url, stack_settings.served_model_name, model, None)
+    finally:
+        if not keep:
+            if server_started:
+                server.stop()
+            if broker_started:
+                broker.stop()
+
+
+def save_partial(runs: list[dict[str, Any]]) -> None:
+    """What ran so far, in case the run is cut short."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peers-partial.json").write_text(json.dumps(aggregate({}, runs), indent=2) + "\n")
+
+
 def run(args: Any) -> dict[str, Any]:
     from onpolicy.run.prompts import load_prompts
-    from onpolicy.run.runner import local_stack
     from onpolicy.run.settings import DEMO_TASK, RunSettings
     from onpolicy.settings import load_settings
     from onpolicy.stack import StackSettings
@@ -728,18 +766,18 @@ def run(args: Any) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     stack_settings = load_settings(
         StackSettings,
-        state_dir=tmp / "stack",
-        kafka_port=_free_port(),
-        kafka_controller_port=_free_port(),
-        vllm_port=_free_port(),
+        kafka_port=KAFKA_PORT,
+        kafka_controller_port=CONTROLLER_PORT,
+        vllm_port=VLLM_PORT,
         handoff="merged",
     )
+    stack_settings.state_dir = stack_settings.home / "bench-peers-stack"
     train = load_prompts(base.prompts).prompts
     heldout = load_prompts(base.eval_prompts).prompts[:eval_size]
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
-        with local_stack(base, stack_settings, lambda *a, **k: None) as stack:
+        with peers_stack(base, stack_settings) as stack:
             served = Served(stack.vllm_url, stack.served_model_name, stack.model_path)
             ctx = {
                 "cfg": cfg,
@@ -760,14 +798,19 @@ def run(args: Any) -> dict[str, Any]:
                 one["order"] = [n for n in order if n in only]
                 for name in one["order"]:
                     print(f"[peers] repeat {rep}: {name}", flush=True)
+                    load_before = os.getloadavg()[0]
                     try:
                         res = RUNNERS[name](ctx)
                     except Exception as exc:  # report it and go on with the others
                         print(f"[peers] {name} failed: {exc!r}", flush=True)
-                        one[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                        one[name] = {
+                            "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-3000:],
+                        }
                         with contextlib.suppress(Exception):
                             served.restore_base()
                         continue
+                    res["load_avg_1min"] = [load_before, os.getloadavg()[0]]
                     res["eval_before"] = before["reward"]
                     res["eval_after"] = res["eval_final"]["reward"]
                     res["gain"] = res["eval_after"] - res["eval_before"]
@@ -775,16 +818,16 @@ def run(args: Any) -> dict[str, Any]:
                         res["eval_before"], res["eval_after"], res["wall_s"]
                     )
                     one[name] = res
+                    save_partial([*runs, one])
                     print(
                         f"[peers] {name}: {res['wall_s']:.0f}s, {res['pairs']} pairs, "
                         f"{res['eval_before']:.3f} -> {res['eval_after']:.3f}",
                         flush=True,
                     )
                 runs.append(one)
-                partial = aggregate({}, runs)
-                (RESULTS / "peers-partial.json").write_text(json.dumps(partial, indent=2) + "\n")
+                save_partial(runs)
     finally:
-        shutil.rmtree(tmp / "stack" / "kafka", ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     size = {
         "rounds": rounds,
         "prompts_per_round": ppr,
@@ -826,6 +869,12 @@ def run(args: Any) -> dict[str, Any]:
     for name in SYSTEMS:  # the issue's flat fields, per system
         x = result["systems"].get(name, {})
         result[name] = {k: x.get(k) for k in ("wall_s", "pairs", "eval_before", "eval_after")}
-    plot(result, PLOT)
-    result["summary"] = summary_text(result)
+    try:
+        plot(result, PLOT)
+    except Exception as exc:  # the figures matter more than the picture
+        result["plot_error"] = repr(exc)
+    try:
+        result["summary"] = summary_text(result)
+    except Exception as exc:
+        result["summary_error"] = repr(exc)
     return result
