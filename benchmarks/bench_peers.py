@@ -183,6 +183,7 @@ class Served:
         self.model_name = model_name
         self.base_model = base_model
         self.initial_label = self.label()
+        self.base_label = "base"  # onpolicy_sampler.weights.BASE_LABEL: the sampler's v0
 
     def label(self) -> str:
         return str(self.http.get("/weight_info").json().get("weight_version"))
@@ -196,8 +197,8 @@ class Served:
         return time.monotonic() - started
 
     def restore_base(self) -> None:
-        """Base weights and the label vLLM started with, as the onpolicy sampler expects."""
-        self.reload(self.base_model, self.initial_label)
+        """Base weights, labelled as the onpolicy sampler labels its v0."""
+        self.reload(self.base_model, self.base_label)
 
     def chat(self, messages: list[dict[str, str]], n: int, temperature: float, max_tokens: int):
         body = {
