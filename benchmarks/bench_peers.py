@@ -589,6 +589,10 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
         temperature=cfg.temperature,
         top_p=1.0,
         top_k=0,
+        # TRL's default (True, as in DPOConfig, which onpolicy and the script keep) turns the KV
+        # cache off in generate while the model trains: every token recomputes the whole
+        # sequence. Off here, so the peer is not slowed by it (memory is no issue at 135M).
+        gradient_checkpointing=False,
         use_cpu=True,
         bf16=False,
         seed=cfg.seed,
@@ -858,7 +862,8 @@ def run(args: Any) -> dict[str, Any]:
     result["differences"] = {
         "online_dpo": "TRL fixes 2 samples per prompt (the others 4) and one pair per prompt, "
         "ties included; loss sigmoid only (no sft term); one trainer (one AdamW and one "
-        "linear LR decay) over all rounds; generation with transformers, not vLLM",
+        "linear LR decay) over all rounds; generation with transformers, not vLLM; "
+        "gradient_checkpointing off (TRL's default on disables the KV cache in its generate)",
         "script": "text rows re-tokenized by TRL (an EOS appended to every answer, cut-off "
         "ones too); onpolicy trains the sampled token ids",
     }
