@@ -710,6 +710,8 @@ def summary_text(result: dict[str, Any]) -> str:
         f"(goal >= 1.0), wall_vs_script **{fmt(result['wall_vs_script'])}** (goal <= 1.05). "
         "Plot `benchmarks/results/peers.png`; details and caveats in "
         "`benchmarks/results/peers.json`.",
+        "",
+        "![held-out reward vs wall time](benchmarks/results/peers.png)",
     ]
     return "\n".join(lines)
 
