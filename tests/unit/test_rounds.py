@@ -87,3 +87,28 @@ def test_status_counts_done_prompts_and_their_pairs():
     view.groups["p1-0"].append((0, "", ["pair-b"]))
     status = p.status(pl)
     assert status.complete and status.pair_ids == {"pair-a", "pair-b"}
+
+
+def test_a_group_the_judge_dead_lettered_marks_its_prompt_done_whatever_its_encoding():
+    """The judge dead-letters a completions record (e.g. an invalid regex reference): the
+    planner reads the group back from the dead letter with the group's own headers, so the
+    prompt counts as done and the round does not wait for it forever."""
+    from onpolicy.serde import encode
+    from onpolicy.settings import TopicSettings
+    from onpolicy_trainer.planner import KafkaView
+
+    topics = TopicSettings(prefix="t.")
+    view = KafkaView.__new__(KafkaView)
+    view.topics, view.dead_offsets, view.dead_prompt_ids = topics, set(), set()
+    for wire in ("protobuf", "json"):
+        group = m.CompletionGroup(id=f"g-{wire}", prompt_id=f"p-{wire}")
+        value, headers = encode(group, wire)
+        letter = m.DeadLetter(
+            source_topic=topics.name("completions"),
+            original_value=value,
+            original_headers={k: v.decode() for k, v in headers},
+        )
+        letter_value, letter_headers = encode(letter)
+        raw = SimpleNamespace(value=letter_value, headers=letter_headers, offset=0)
+        view._take(SimpleNamespace(topic=topics.name("dlq"), partition=0), raw)
+    assert view.dead_prompt_ids == {"p-protobuf", "p-json"}

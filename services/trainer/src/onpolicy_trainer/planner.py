@@ -147,8 +147,10 @@ class KafkaView:
             if letter.source_topic == self.topics.name("prompts"):
                 self.dead_offsets.add((letter.partition, letter.offset))
             elif letter.source_topic == self.topics.name("completions"):
+                # The group's own headers say how it was encoded (protobuf by default).
+                original = [(k, v.encode()) for k, v in letter.original_headers.items()]
                 try:
-                    group = decode(m.CompletionGroup, letter.original_value, None)
+                    group = decode(m.CompletionGroup, letter.original_value, original)
                 except RecordError:
                     return
                 if group.prompt_id:
