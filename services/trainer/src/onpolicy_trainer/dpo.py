@@ -148,7 +148,101 @@ def _trainer_class() -> type:
                 raise ValueError(f"rows lack the token columns {sorted(missing)}")
             return dataset
 
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            _fsdp_on_cpu(self)
+
     return TokenDPOTrainer
+
+
+def _fsdp_on_cpu(trainer: Any) -> None:
+    """Let accelerate's own FSDP path run on CPU ranks (gloo), as on GPUs.
+
+    accelerate 1.15 switches to ``DistributedType.FSDP`` only for GPU-like multi-device types
+    (``AcceleratorState.__init__``); on CPU ranks (``MULTI_CPU``) it drops the FSDP plugin the
+    Trainer built from ``fsdp_config`` and wraps the model in DDP instead. PyTorch's FSDP2
+    (``fully_shard`` on a CPU device mesh) works with gloo, so on a machine without a GPU the
+    shared state is switched to FSDP with that same plugin: from here on ``prepare`` and
+    ``get_state_dict`` are accelerate's unchanged FSDP code. Nothing changes on GPUs.
+    """
+    import torch
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin_args = trainer.args.fsdp_plugin_args
+    state = trainer.accelerator.state
+    if plugin_args is None or torch.cuda.is_available():
+        return
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
+def use_bf16(settings: TrainerSettings) -> bool:
+    """bf16 weights and autocast: as set, else where the GPU supports it."""
+    import torch
+
+    if settings.bf16 is not None:
+        return settings.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def fsdp_config(settings: TrainerSettings) -> dict[str, Any]:
+    """TrainingArguments ``fsdp_config`` for ``distributed="fsdp"``: full shard, one FSDP
+    unit per decoder layer (the model's ``_no_split_modules``), a full state dict to save."""
+    v1 = (
+        {"sync_module_states": False, "use_orig_params": True} if settings.fsdp_version == 1 else {}
+    )
+    return v1 | {
+        "version": settings.fsdp_version,
+        "reshard_after_forward": True if settings.fsdp_version == 2 else "FULL_SHARD",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_offload": settings.fsdp_cpu_offload,
+        "activation_checkpointing": settings.gradient_checkpointing,
+        "state_dict_type": "FULL_STATE_DICT",
+        # Every rank loads the checkpoint itself (so FSDP1 need not broadcast rank 0's
+        # weights: sync_module_states off); rank-0-only loading (cpu_ram_efficient_loading)
+        # needs the model built on the meta device, which a policy handed over is not.
+        "cpu_ram_efficient_loading": False,
+    }
+
+
+def dpo_args(settings: TrainerSettings, scratch: str | Path, *, bf16: bool, cpu: bool) -> dict:
+    """The round's DPOConfig keyword arguments (TRL/transformers names), from the settings."""
+    args: dict[str, Any] = {
+        "output_dir": str(scratch),
+        "beta": settings.beta,
+        "loss_type": settings.loss_types,
+        "learning_rate": settings.learning_rate,
+        "num_train_epochs": settings.num_epochs,
+        "per_device_train_batch_size": settings.per_device_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "max_length": settings.max_length,
+        "bf16": bf16,
+        # Without a GPU, several processes (launch.py) need this to train data-parallel
+        # on CPUs (gloo); for one process it changes nothing.
+        "use_cpu": cpu,
+        "seed": settings.seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "precompute_ref_log_probs": settings.precompute_ref_log_probs,
+    }
+    if settings.distributed == "fsdp":
+        args["fsdp"] = True  # full shard, per fsdp_config
+        args["fsdp_config"] = fsdp_config(settings)
+        # FSDP checkpoints the layers itself (fsdp_config); the Trainer's would all-gather
+        # every layer a second time in the backward pass.
+        args["activation_checkpointing"] = False
+    else:
+        args["activation_checkpointing"] = settings.gradient_checkpointing
+    return args
 
 
 def build_trainer(
@@ -169,7 +263,7 @@ def build_trainer(
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     previous = Path(previous_adapter) if previous_adapter else None
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(settings)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
@@ -200,26 +294,7 @@ def build_trainer(
         else:
             peft_config = lora_config(settings)
 
-    config = DPOConfig(
-        output_dir=str(scratch),
-        beta=settings.beta,
-        loss_type=settings.loss_types,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_epochs,
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        max_length=settings.max_length,
-        bf16=bf16,
-        # Without a GPU, several processes (launch.py) need this to train data-parallel
-        # on CPUs (gloo); for one process it changes nothing.
-        use_cpu=not torch.cuda.is_available(),
-        seed=settings.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    config = DPOConfig(**dpo_args(settings, scratch, bf16=bf16, cpu=not torch.cuda.is_available()))
     trainer = _trainer_class()(
         model=model,
         ref_model=ref_model,
@@ -231,6 +306,9 @@ def build_trainer(
     )
     if previous is not None and peft_config is not None:
         _load_adapter_weights(trainer.model, previous)
+    if settings.precompute_ref_log_probs and ref_model is not None:
+        # The reference's log-probs are in the dataset now; the copy is not needed any more.
+        trainer.ref_model = None
     return trainer
 
 
@@ -266,17 +344,23 @@ def train_round(
             raise RoundAborted("stopping: the round was cut short and is not saved")
         history = list(trainer.state.log_history)
 
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        # Data-parallel (launch.py): every rank holds the same weights; rank 0 saves them.
-        if trainer.accelerator.is_main_process:
+        accelerator = trainer.accelerator
+        trained = accelerator.unwrap_model(trainer.model)
+        # DDP (launch.py): every rank holds the same weights; rank 0 saves them. FSDP: each
+        # rank holds a shard; the full state dict is gathered (a collective: every rank
+        # takes part) onto rank 0, which saves it.
+        state_dict = accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if accelerator.is_main_process:
             if output_dir.exists():
                 shutil.rmtree(output_dir)
             if settings.full_finetune:
-                trained.save_pretrained(output_dir)
+                trained.save_pretrained(output_dir, state_dict=state_dict)
                 tokenizer.save_pretrained(output_dir)
             else:
                 # Only the policy: TRL's frozen "ref" copy (reference="previous") is not saved.
-                trained.save_pretrained(output_dir, selected_adapters=["default"])
+                trained.save_pretrained(
+                    output_dir, state_dict=state_dict, selected_adapters=["default"]
+                )
         trainer.accelerator.wait_for_everyone()
 
     metrics = _round_metrics(history, output.training_loss)
