@@ -343,6 +343,7 @@ def train_round(
         if should_stop is not None and should_stop():
             raise RoundAborted("stopping: the round was cut short and is not saved")
         history = list(trainer.state.log_history)
+        fsdp = bool(trainer.is_fsdp_enabled)
 
         accelerator = trainer.accelerator
         trained = accelerator.unwrap_model(trainer.model)
@@ -365,7 +366,7 @@ def train_round(
 
     metrics = _round_metrics(history, output.training_loss)
     seconds = time.monotonic() - started
-    metrics |= {"pairs": float(len(rows)), "seconds": seconds}
+    metrics |= {"pairs": float(len(rows)), "seconds": seconds, "fsdp": float(fsdp)}
     metrics["pairs_per_s"] = len(rows) / seconds if seconds > 0 else math.inf
     log.info(
         "DPO round on %d pairs in %.1fs: loss %.4f, margins %.4f, accuracy %.2f",
