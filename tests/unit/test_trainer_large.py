@@ -220,3 +220,24 @@ def test_the_table_says_what_fits() -> None:
     table = memory.table()
     assert table.count("\n") == 1 + len(memory.MODELS)
     assert "| Llama-3.1-70B | 70.55B |" in table
+
+
+def test_one_node_runs_standalone_and_several_join_a_c10d_rendezvous() -> None:
+    from onpolicy_trainer import launch
+
+    one = TrainerSettings(model="m", train_processes=2, distributed="fsdp")
+    command = launch.torchrun_command(one, 2, "/job")
+    assert "--standalone" in command and command[-2:] == ["onpolicy_trainer.launch", "/job"]
+    many = TrainerSettings(model="m", nnodes=3, rdzv_endpoint="t-0.ranks:29400", rdzv_id="r")
+    service = launch.torchrun_command(many, 8, "/job")
+    worker = launch.torchrun_command(many, 8, "--worker")
+    for command in (service, worker):
+        assert "--standalone" not in command
+        assert {"--nnodes=3", "--rdzv-backend=c10d", "--rdzv-endpoint=t-0.ranks:29400"} <= set(
+            command
+        )
+        assert "--rdzv-id=r" in command and "--nproc-per-node=8" in command
+    assert "--rdzv-conf=is_host=true" in service and "--rdzv-conf=is_host=false" in worker
+    # One GPU per node still trains under torchrun: the ranks span the nodes.
+    one_gpu = TrainerSettings(model="m", nnodes=2, rdzv_endpoint="t-0:29400", train_processes=0)
+    assert launch.train_fn(one_gpu) is launch.train_round_distributed
