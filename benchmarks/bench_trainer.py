@@ -296,7 +296,20 @@ def _plain_fsdp_rank(job: Path) -> None:
         trainer.train()
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if trainer.accelerator.is_main_process:
-            trainer.model.save_pretrained(spec["out"], state_dict=state_dict)
+            # PEFT's save_pretrained(state_dict=...) keeps nothing here: it matches module
+            # names, which FSDP's activation checkpointing wraps. The adapter's entries,
+            # named as PEFT names them, and its config:
+            from safetensors.torch import save_file
+
+            out = Path(spec["out"])
+            out.mkdir(parents=True, exist_ok=True)
+            weights = {
+                k.replace(".default.", "."): v.contiguous()
+                for k, v in state_dict.items()
+                if ".lora_" in k and ".default." in k
+            }
+            save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+            trainer.model.peft_config["default"].save_pretrained(str(out))
         trainer.accelerator.wait_for_everyone()
 
 
@@ -321,8 +334,9 @@ def plain_trl_fsdp(settings: Any, rows: list[dict[str, Any]], out: Path) -> floa
             check=True,
         )
         seconds = time.monotonic() - started
-    if not (out / "adapter_model.safetensors").exists():
-        raise RuntimeError("the plain FSDP baseline saved no adapter")
+    adapter = out / "adapter_model.safetensors"
+    if not adapter.exists() or adapter.stat().st_size < 1024:
+        raise RuntimeError("the plain FSDP baseline saved no adapter weights")
     return seconds
 
 
@@ -364,6 +378,8 @@ def run_fsdp(bootstrap: str, model: Path, tmp_path: Path, n: int) -> dict[str, A
             service_s, round_metrics = _fresh_process(service_round, settings, pairs)
             plain_s = plain_trl_fsdp(settings, rows, out)
         assert round_metrics.get("fsdp") == 1.0, round_metrics
+        adapter = tmp_path / f"ckpt-fsdp-p{i}" / "policy-v1" / "adapter_model.safetensors"
+        assert adapter.stat().st_size > 1024, "the service saved no adapter weights"
         plain_rates.append(n / plain_s)
         service_rates.append(n / service_s)
     plain_pps = statistics.fmean(plain_rates)

@@ -312,6 +312,35 @@ def build_trainer(
     return trainer
 
 
+def _save_gathered_adapter(model: Any, state_dict: dict[str, Any], output_dir: Path) -> None:
+    """Save the "default" adapter from FSDP's gathered full state dict, as PEFT would.
+
+    PEFT's ``save_pretrained(state_dict=...)`` picks the adapter's entries by the model's
+    module names, which FSDP's activation checkpointing has wrapped
+    (``..._checkpoint_wrapped_module.self_attn...``), while the gathered state dict has the
+    plain names: it would keep nothing (an empty adapter file; seen here). So the entries are
+    picked by PEFT's own key layout (``<module>.lora_A.default.weight``) and written with the
+    adapter name removed, beside the adapter's config, as ``save_pretrained`` writes them.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    adapter = "default"
+    weights = {
+        key.replace(f".{adapter}.", "."): value.contiguous()
+        for key, value in state_dict.items()
+        if ".lora_" in key and f".{adapter}." in key
+    }
+    if not weights:
+        raise RuntimeError("the gathered state dict holds no LoRA weights of the policy")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(output_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(output_dir))
+
+
 def train_round(
     settings: TrainerSettings,
     rows: Sequence[Row],
@@ -357,11 +386,11 @@ def train_round(
             if settings.full_finetune:
                 trained.save_pretrained(output_dir, state_dict=state_dict)
                 tokenizer.save_pretrained(output_dir)
+            elif state_dict is not None:
+                _save_gathered_adapter(trained, state_dict, output_dir)
             else:
                 # Only the policy: TRL's frozen "ref" copy (reference="previous") is not saved.
-                trained.save_pretrained(
-                    output_dir, state_dict=state_dict, selected_adapters=["default"]
-                )
+                trained.save_pretrained(output_dir, selected_adapters=["default"])
         trainer.accelerator.wait_for_everyone()
 
     metrics = _round_metrics(history, output.training_loss)
