@@ -394,6 +394,8 @@ def train_round(
         trainer.accelerator.wait_for_everyone()
 
     metrics = _round_metrics(history, output.training_loss)
+    # TRL's own clock: the steps alone (no model load, no save), beside the round's seconds.
+    metrics["train_runtime"] = float((output.metrics or {}).get("train_runtime", math.nan))
     seconds = time.monotonic() - started
     metrics |= {"pairs": float(len(rows)), "seconds": seconds, "fsdp": float(fsdp)}
     metrics["pairs_per_s"] = len(rows) / seconds if seconds > 0 else math.inf

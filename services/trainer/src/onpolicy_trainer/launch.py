@@ -26,6 +26,7 @@ Rank 0 saves the policy, as on one node.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import signal
@@ -122,6 +123,9 @@ def train_round_distributed(
         result = json.loads((job / "result.json").read_text())
     seconds = time.monotonic() - started
     metrics = dict(result["metrics"])
+    # What rank 0 spent in train_round (model load, steps, save); the rest of ``seconds`` is
+    # starting torchrun and the ranks' imports, paid every round.
+    metrics["rank_seconds"] = float(metrics.get("seconds", math.nan))
     metrics |= {"pairs": float(len(rows)), "seconds": seconds}
     metrics["processes"] = float(n * settings.nnodes)
     metrics["pairs_per_s"] = len(rows) / seconds if seconds > 0 else float("inf")
