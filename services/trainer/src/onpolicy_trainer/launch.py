@@ -26,8 +26,8 @@ Rank 0 saves the policy, as on one node.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import signal
 import subprocess
