@@ -241,3 +241,34 @@ def test_one_node_runs_standalone_and_several_join_a_c10d_rendezvous() -> None:
     # One GPU per node still trains under torchrun: the ranks span the nodes.
     one_gpu = TrainerSettings(model="m", nnodes=2, rdzv_endpoint="t-0:29400", train_processes=0)
     assert launch.train_fn(one_gpu) is launch.train_round_distributed
+
+
+def test_the_adapter_saved_from_a_gathered_state_dict_is_the_one_peft_saves(tmp_path: Path) -> None:
+    """FSDP: rank 0 saves the adapter from the gathered full state dict (dpo.py); the files
+    hold exactly what PEFT's own save_pretrained writes for the same model."""
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_trainer.dpo import _save_gathered_adapter, lora_config
+
+    settings = TrainerSettings()
+    if not (Path(settings.model) / "config.json").exists():
+        pytest.skip("the default model is not prepared (make prepare)")
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(settings.model), lora_config(settings)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # PEFT starts B at zero: make the comparison mean something
+    _save_gathered_adapter(model, model.state_dict(), tmp_path / "ours")
+    model.save_pretrained(tmp_path / "peft", selected_adapters=["default"])
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and len(ours) == 30 * 4 * 2
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert ours_config == theirs_config
