@@ -424,6 +424,10 @@ def run(args: Any) -> dict[str, Any]:
     result = run_lora(args, "fsdp" in modes) if "lora" in modes else None
     if result is None:  # fsdp only: the lora mode's figures stay as they were
         result = {k: v for k, v in previous.items() if not k.startswith("fsdp_")}
+        # The clocks of that earlier run, kept under names of their own.
+        for key in ("finished_unix", "wall_s", "bench_wall_s"):
+            if key in result:
+                result[f"lora_{key}"] = result.pop(key)
         result |= _fsdp_only(args)
     if result.get("gpu", "").startswith("none") and "fsdp_summary" in result:
         result["summary"] = result["summary"].split("; FSDP:")[0] + (
