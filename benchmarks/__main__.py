@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cells", nargs="+", help="faults: only these cells of the matrix")
     parser.add_argument("--seeds", type=int, help="demo: runs (seeds) per lineage (default 3)")
+    parser.add_argument("--rounds", type=int, help="peers: DPO rounds per system (default 3)")
+    parser.add_argument(
+        "--prompts-per-round", type=int, help="peers: training pairs per round (default 24)"
+    )
+    parser.add_argument("--repeats", type=int, help="peers: runs of each system (default 1)")
+    parser.add_argument("--eval-size", type=int, help="peers: held-out prompts (default 48)")
     args = parser.parse_args(argv)
     names = args.names or available()
     unknown = set(names) - set(available())

@@ -347,7 +347,9 @@ def build() -> dict[str, Any]:
     d.panel(
         "vLLM prefix cache hits/s",
         [(f"sum(rate(vllm:prefix_cache_hits_total{{{VLLM}}}[{RATE}]))", "hits")],
-        description="Prefix-cache hits (tokens): all N samples of a prompt share its prefix.",
+        description="Prefix-cache hits (tokens): all N samples of a prompt share its prefix. "
+        "vLLM caches whole KV blocks only (128 tokens on the CPU backend): prompts shorter "
+        "than a block never hit.",
     )
     d.panel(
         "vLLM generation tokens/s per model",
@@ -428,9 +430,22 @@ def build() -> dict[str, Any]:
     )
     d.panel(
         "Round duration",
-        [("max(onpolicy_trainer_round_seconds)", "last round")],
+        [
+            # round_seconds is a histogram: its series are _bucket, _sum and _count.
+            (
+                "sum(onpolicy_trainer_round_seconds_sum) / "
+                "sum(onpolicy_trainer_round_seconds_count)",
+                "mean of the rounds so far",
+            ),
+            (
+                f"sum(increase(onpolicy_trainer_round_seconds_sum[{RATE}])) / "
+                f"sum(increase(onpolicy_trainer_round_seconds_count[{RATE}]))",
+                "rounds ended in the interval",
+            ),
+        ],
         unit="s",
         width=12,
+        description="Train + save of a round (the trainer's round_seconds histogram).",
     )
     d.panel(
         "Sampler policy load failures",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from _prometheus import Prometheus, finite_values, no_prometheus, panel_queries
 
 from onpolicy import messages as m
 from onpolicy.bus import read_topic
@@ -47,18 +51,35 @@ def run_loop(kafka, vllm, model_dir, stack_settings, runs_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory):
-    return run_loop(
-        kafka,
-        vllm,
-        model_dir,
-        stack_settings,
-        tmp_path_factory.mktemp("runs"),
-        eval_size=4,
-        run_id="e2e",
-        compare_offpolicy=True,
-        trainer={"max_length": 144, "per_device_batch_size": 2},
-    )
+def prometheus(vllm, tmp_path_factory):
+    """A real Prometheus that scrapes the services of the module's `run` while it runs
+    (None without the binary: the run's other tests go on, the dashboard test says why)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        yield None
+        return
+    server = Prometheus(binary, tmp_path_factory.mktemp("prometheus"), vllm.url)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def run(kafka, vllm, model_dir, stack_settings, tmp_path_factory, prometheus):
+    with prometheus.watch() if prometheus else contextlib.nullcontext():
+        return run_loop(
+            kafka,
+            vllm,
+            model_dir,
+            stack_settings,
+            tmp_path_factory.mktemp("runs"),
+            eval_size=4,
+            run_id="e2e",
+            compare_offpolicy=True,
+            trainer={"max_length": 144, "per_device_batch_size": 2},
+        )
 
 
 def test_policy_versions_go_0_1_2_and_round_two_is_sampled_by_v1(run, kafka):
@@ -240,6 +261,67 @@ def test_every_metric_the_dashboard_queries_is_served(run, vllm_server):
     ]
     missing = [w for w in wanted if w not in names]
     assert not missing, f"dashboard metrics not served: {missing}"
+
+
+# Panels all of whose values are 0 in a healthy run, and why. They are checked like the
+# others (every query returns a finite value, so the metric, its labels and the expression
+# are right, exported at zero); only a non-zero value is not asked of them.
+ZERO_IN_A_HEALTHY_RUN = {
+    "Dead letters/s": "no record is malformed or fails for good",
+    "Retries and duplicates/s": "vLLM and the judge answer every request; no record twice",
+    "Backend paused and circuit breaker": "no backend refuses or fails: nothing pauses",
+    "Sampler policy load failures": "every adapter the trainer publishes loads",
+    # Rollbacks and the best promoted version: in two rounds of a noisy evaluation (4
+    # prompts) no version may be rejected while v0 stays the best one.
+    "Versions rolled back": "no version rejected, and v0 may stay the best",
+    # Strict rounds train only what the current version sampled, by design; the off-policy
+    # lineage's pairs are 1 behind only when v0's pairs outlast its first round.
+    "Pairs' version lag": "strict rounds: every pair is sampled by the version trained (0)",
+    # vLLM caches whole KV blocks only, 128 tokens on the CPU backend: these prompts (at most
+    # 96 tokens) fill none, so 0 hits out of thousands of queries (measured).
+    "vLLM prefix cache hits/s": "prompts shorter than a KV block never hit",
+}
+
+
+def test_every_dashboard_panel_has_data_in_prometheus(run, prometheus):
+    """Debian's prometheus scraped the run's services (1 s) and vLLM: every query of every
+    panel, as Grafana sends it, returns data over the run, and each panel but the few above
+    shows a non-zero value."""
+    if prometheus is None:
+        no_prometheus()
+    assert set(prometheus.stopped_at) == {"onpolicy", "offpolicy"}
+    start, end = prometheus.started_at, max(prometheus.stopped_at.values())
+    # Every service of both lineages and vLLM was scraped.
+    up = prometheus.api("query", query=f"max_over_time(up[{int(end - start) + 60}s])", time=end)
+    scraped = {r["metric"]["instance"] for r in up["data"]["result"] if r["value"][1] == "1"}
+    wanted = {t for group in prometheus.targets for t in group["targets"]}
+    assert len(wanted) == 6 and wanted | {urlsplit(prometheus.vllm_url).netloc} <= scraped
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/onpolicy.json").read_text())
+    queries = panel_queries(dashboard)
+    assert len(queries) > 50
+    empty, values = [], {}
+    for q in queries:
+        # A table's instant query is evaluated when the on-policy lineage ended, as the
+        # dashboard would show it then; the others over the whole run.
+        at = prometheus.stopped_at["onpolicy"] if q.instant else end
+        found = finite_values(prometheus.query(q, start, at))
+        if not found:
+            empty.append(f"{q.name}: {q.expr}")
+        values.setdefault(q.panel, []).extend(found)
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    flat = [p for p, v in values.items() if not any(v) and p not in ZERO_IN_A_HEALTHY_RUN]
+    assert not flat, f"panels whose every value is 0: {flat}"
+    # The $model variable lists the served model (its query runs as Grafana's label_values).
+    models = prometheus.api(
+        "label/model_name/values", **{"match[]": "vllm:num_requests_running"}, start=start, end=end
+    )["data"]
+    assert "SmolLM2-135M-Instruct" in models
+    # The annotation fires on a rollback only (the guard may or may not reject a version in
+    # two rounds): its query must be valid, and the counter it watches served.
+    for annotation in dashboard["annotations"]["list"]:
+        prometheus.api("query", query=annotation["expr"], time=end)
+    rollbacks = prometheus.api("query", query="onpolicy_trainer_policy_rollbacks_total", time=end)
+    assert rollbacks["data"]["result"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import uuid
 from contextlib import contextmanager
 
@@ -264,6 +266,41 @@ def test_invalid_prompts_are_dead_lettered_and_the_stream_goes_on(
     assert reasons[2][0] == "invalid" and "vLLM rejected the prompt (400)" in reasons[2][1]
     assert "context" in reasons[2][1] or "length" in reasons[2][1]
     assert reasons[3][0] == "invalid" and "sampler.max_prompt_tokens (64)" in reasons[3][1]
+
+
+def test_prompts_published_with_kcat_as_the_readme_shows_are_sampled(
+    kafka, topics, vllm_server, tmp_path
+):
+    """The README's one-liner (`kcat -P -l prompts.jsonl`): one record per line, no key, no
+    headers; the sampler takes each as a prompt (a JSON object with no content-type header
+    is protobuf's JSON form) and dead-letters none."""
+    kcat = shutil.which("kcat")
+    if kcat is None:
+        reason = "no `kcat` on PATH (apt-get install kcat; .ci/run does)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text(
+        '{"text": "Say hi.", "numSamples": 1}\n'
+        '{"messages": [{"role": "user", "content": "Name a colour."}], "numSamples": 2}\n'
+    )
+    source = topics.name("prompts")
+    command = [kcat, "-b", kafka.bootstrap_servers, "-P", "-t", source, "-l", str(lines)]
+    subprocess.run(command, check=True, timeout=30, capture_output=True)
+    published = list(read_topic(kafka, source, m.Prompt))
+    assert [r.key for r in published] == [None, None]
+    assert all(not r.headers for r in published)
+    with running(sampler(kafka, topics, vllm_server, tmp_path)):
+        groups = [
+            r.message for r in wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
+        ]
+    by_text = {g.prompt.text or g.prompt.messages[-1].content: g for g in groups}
+    assert set(by_text) == {"Say hi.", "Name a colour."}
+    assert len(by_text["Say hi."].completions) == 1
+    assert len(by_text["Name a colour."].completions) == 2
+    assert all(c.text for g in groups for c in g.completions)
+    assert list(read_topic(kafka, topics.name("dlq"), m.DeadLetter)) == []
 
 
 def test_vllm_restart_mid_stream_loses_and_duplicates_nothing(kafka, topics, vllm, tmp_path):

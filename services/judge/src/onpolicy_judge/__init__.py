@@ -9,7 +9,8 @@ Library use::
 """
 
 from onpolicy_judge import functions
-from onpolicy_judge.judge import Backend, BackendScores, FunctionBackend, Judge, build_judge
+from onpolicy_judge.backend import Backend, BackendScores
+from onpolicy_judge.judge import FunctionBackend, Judge, build_judge
 from onpolicy_judge.pairs import PairResult, build_pairs
 from onpolicy_judge.settings import JudgeSettings, PairSettings
 

@@ -8,33 +8,15 @@ a ScoredGroup and whose ``pairs`` turns that into PreferencePairs. The service, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.serde import InvalidRecord
+from onpolicy_judge.backend import Backend, BackendScores
 from onpolicy_judge.functions import CombinedScorer
 from onpolicy_judge.metrics import JudgeMetrics
 from onpolicy_judge.pairs import PairResult, build_pairs
 from onpolicy_judge.settings import JudgeSettings, PairSettings
-
-
-@dataclass
-class BackendScores:
-    scores: list[float]
-    rationales: list[str] = field(default_factory=list)
-
-
-class Backend(Protocol):
-    """Scores every completion of a group; raises RecordError for unusable groups."""
-
-    name: str  # "function" | "reward_model" | "llm"
-    judge_id: str
-
-    async def score(self, group: m.CompletionGroup) -> BackendScores: ...
-
-    async def aclose(self) -> None: ...
 
 
 class FunctionBackend:

@@ -43,8 +43,8 @@ from onpolicy import ids
 from onpolicy import messages as m
 from onpolicy.bus import ConfigurationError, TransientError
 from onpolicy.serde import RecordError
+from onpolicy_judge.backend import BackendScores
 from onpolicy_judge.chat import instruction_text
-from onpolicy_judge.judge import BackendScores
 from onpolicy_judge.metrics import JudgeMetrics
 from onpolicy_judge.settings import DEFAULT_LLM_TEMPLATE, LlmJudgeSettings
 

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from onpolicy import messages as m
+from onpolicy_judge.backend import BackendScores
 from onpolicy_judge.chat import prompt_messages
-from onpolicy_judge.judge import BackendScores
 from onpolicy_judge.metrics import JudgeMetrics
 from onpolicy_judge.settings import RewardModelSettings
 

@@ -1,0 +1,99 @@
+"""The peers benchmark's pure parts: its pair rule is the judge service's, its ratios."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.bench_peers import SYSTEMS, Group, aggregate, best_worst, gain_per_minute, ratio
+from onpolicy import messages as m
+from onpolicy_judge.pairs import build_pairs
+from onpolicy_judge.settings import PairSettings
+
+
+@st.composite
+def groups(draw) -> Group:
+    n = draw(st.integers(1, 6))
+    scores = draw(st.lists(st.sampled_from([0.0, 0.5, 0.5, 1.0]), min_size=n, max_size=n))
+    texts = draw(st.lists(st.sampled_from(["a", "b", "c"]), min_size=n, max_size=n))
+    finish = draw(st.lists(st.sampled_from(["stop", "length"]), min_size=n, max_size=n))
+    return Group(texts, finish, scores)
+
+
+@given(groups())
+def test_the_pair_rule_is_the_judge_services_default(g: Group) -> None:
+    scored = m.ScoredGroup(
+        id="s",
+        group=m.CompletionGroup(
+            id="g",
+            prompt_id="p",
+            prompt=m.Prompt(id="p", text="q", dataset_split="train"),
+            completions=[
+                m.Completion(index=i, text=t, finish_reason=f)
+                for i, (t, f) in enumerate(zip(g.texts, g.finish, strict=True))
+            ],
+        ),
+        scores=g.scores,
+        judge_id="j",
+    )
+    pairs = build_pairs(scored, PairSettings()).pairs
+    expected = [(p.chosen_index, p.rejected_index) for p in pairs]
+    got = best_worst(g)
+    assert ([got] if got else []) == expected
+
+
+def test_ratios() -> None:
+    assert ratio(2.0, 1.0) == 2.0
+    assert ratio(1.0, 0.0) is None and ratio(1.0, -0.5) is None and ratio(None, 1.0) is None
+    assert gain_per_minute(0.4, 0.6, 120.0) == pytest.approx(0.1)
+
+
+def _system(wall: float, before: float, after: float) -> dict:
+    return {
+        "wall_s": wall,
+        "pairs": 48,
+        "eval_before": before,
+        "eval_after": after,
+        "gain": after - before,
+        "gain_per_minute": gain_per_minute(before, after, wall),
+    }
+
+
+def test_aggregate_fields_and_ratios() -> None:
+    runs = [
+        {
+            "onpolicy": _system(300.0, 0.4, 0.6),
+            "script": _system(290.0, 0.4, 0.55),
+            "online_dpo": _system(200.0, 0.4, 0.45),
+        },
+        {
+            "onpolicy": _system(320.0, 0.4, 0.6),
+            "script": _system(310.0, 0.4, 0.55),
+            "online_dpo": _system(200.0, 0.4, 0.45),
+        },
+    ]
+    out = aggregate({"rounds": 2}, runs)
+    for name in SYSTEMS:
+        for key in ("wall_s", "pairs", "eval_before", "eval_after", "gain_per_minute"):
+            assert out["systems"][name][key] is not None
+        assert out["systems"][name]["runs"] == 2
+    on = out["systems"]["onpolicy"]
+    assert on["wall_s"] == 310.0 and on["spread"]["wall_s"]["min"] == 300.0
+    gpm_on = statistics_mean([0.2 / 5, 0.2 / (320 / 60)])
+    assert out["gain_per_minute_vs_online_dpo"] == pytest.approx(gpm_on / (0.05 / (200 / 60)))
+    assert out["wall_vs_script"] == pytest.approx(310.0 / 300.0)
+    assert out["goals"]["wall_vs_script<=1.05"] is True
+    assert len(out["ratios_per_repeat"]) == 2
+
+
+def test_a_failed_system_leaves_the_ratio_empty() -> None:
+    runs = [{"onpolicy": _system(300.0, 0.4, 0.6), "script": {"error": "boom"}}]
+    out = aggregate({}, runs)
+    assert out["wall_vs_script"] is None
+    assert out["systems"]["script"]["error"] == ["boom"]
+    assert out["goals"]["wall_vs_script<=1.05"] is None
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
