@@ -222,23 +222,29 @@ def test_the_trainer_trains_exactly_the_token_ids_the_sampler_drew(run, kafka, m
 def test_offpolicy_lineage_trains_as_many_pairs_all_sampled_by_the_initial_policy(run, kafka):
     runner, report = run
     on, off = report["lineages"]["onpolicy"], report["lineages"]["offpolicy"]
-    assert [r["policy_version"] for r in off] == [0, 1, 2]
-    # Every evaluation of both lineages is measured, after each round too (a bug once lost
-    # the off-policy lineage's evaluations after rounds 1..R-1).
-    assert all(r["eval_reward_mean"] is not None for r in on + off)
     prefix = f"onpolicy.{runner.run_id}-off."
-    groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
-    assert {g.policy_version for g in groups if g.prompt.dataset_split == "train"} == {0}
-    evals = [g for g in groups if g.prompt.dataset_split == "eval"]
-    assert {g.policy_version for g in evals} == {0, 1, 2}
-    # Round r trains as many pairs as the on-policy round r, while v0's pairs last.
+    # Round r trains as many pairs as the on-policy round r, while v0's pairs last: a round
+    # left with none trains nothing and makes no version (v0's groups may tie, so how many
+    # pairs v0 made varies from run to run).
     available = len(list(read_topic(kafka, prefix + "pairs", m.PreferencePair)))
     wanted = []
     for r in on[:2]:
         wanted.append(min(r["pairs"], available))
         available -= wanted[-1]
+    versions = [0]
+    for w in wanted:
+        versions.append(versions[-1] + bool(w))
+    assert [r["policy_version"] for r in off] == versions and versions[1] == 1
+    # Every evaluation of both lineages is measured, after each round too (a bug once lost
+    # the off-policy lineage's evaluations after rounds 1..R-1).
+    assert all(r["eval_reward_mean"] is not None for r in on + off)
+    groups = [r.message for r in read_topic(kafka, prefix + "completions", m.CompletionGroup)]
+    assert {g.policy_version for g in groups if g.prompt.dataset_split == "train"} == {0}
+    evals = [g for g in groups if g.prompt.dataset_split == "eval"]
+    assert {g.policy_version for g in evals} == set(versions)
     updates = [r.message for r in read_topic(kafka, prefix + "policy", m.PolicyUpdate)]
-    assert [u.num_pairs for u in updates] == wanted == [r["pairs"] for r in off[:2]]
+    assert [u.num_pairs for u in updates] == [w for w in wanted if w]
+    assert wanted == [r["pairs"] for r in off[:2]]
     exported = pq.read_table(runner.run_dir / "pairs.parquet").to_pylist()
     assert {r["policy_version"] for r in exported if r["lineage"] == "offpolicy"} == {0}
 
