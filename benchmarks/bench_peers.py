@@ -283,16 +283,9 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def lora(self) -> Any:
-        from peft import LoraConfig
+        from onpolicy_trainer.dpo import lora_config
 
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=list(self.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+        return lora_config(self)  # the trainer's own LoRA (it reads the same four fields)
 
 
 def make_config(run_settings: Any, final_samples: int) -> Config:
