@@ -258,6 +258,19 @@ def evaluate(served: Served, prompts: Sequence[Any], samples: int, cfg: Config) 
     }
 
 
+# The TrainingArguments both TRL trainers here share: CPU, fp32 as the trainer service on a
+# CPU (TRL's default is bf16=True), no checkpoints, no reporting.
+CPU_TRAINING_ARGS: dict[str, Any] = {
+    "use_cpu": True,
+    "bf16": False,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": [],
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
+
+
 # ---------------------------------------------------------------------------- config
 @dataclass
 class Config:
@@ -453,14 +466,8 @@ def run_script(ctx: dict[str, Any]) -> dict[str, Any]:
             num_train_epochs=1,
             per_device_train_batch_size=cfg.batch_size,
             max_length=cfg.max_length,
-            use_cpu=True,
-            bf16=False,  # as the trainer service on a CPU (TRL's default is True)
             seed=cfg.seed,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            dataloader_num_workers=0,
+            **CPU_TRAINING_ARGS,
         )
         trainer = DPOTrainer(
             model=model,
@@ -586,14 +593,8 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
         # cache off in generate while the model trains: every token recomputes the whole
         # sequence. Off here, so the peer is not slowed by it (memory is no issue at 135M).
         gradient_checkpointing=False,
-        use_cpu=True,
-        bf16=False,
         seed=cfg.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **CPU_TRAINING_ARGS,
     )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     trainer = OnlineDPOTrainer(
