@@ -64,8 +64,10 @@ def test_a_policy_made_worse_on_purpose_is_rolled_back_to_the_better_version(
         num_samples=4,
         max_tokens=48,
         max_prompt_tokens=96,
-        eval_size=8,
-        eval_samples=2,
+        # Enough held-out samples that v0's mean is well above v1's (whose answers all run
+        # into the limit and score half at most): with 8 x 2, v0's standard error was 0.08.
+        eval_size=12,
+        eval_samples=3,
         runs_dir=tmp_path,
         run_id="guard",
         # Pairs from every group that does not tie, ended or not: the reversed scores prefer
@@ -78,15 +80,26 @@ def test_a_policy_made_worse_on_purpose_is_rolled_back_to_the_better_version(
             # Hard enough that one round of reversed pairs moves the answers a long way.
             "learning_rate": 3e-3,
             "num_epochs": 3,
-            # The drop here is large (measured: held-out 0.58-0.68 for v0, 0.50 +- 0.002 for
-            # v1, whose answers all run into the limit): one standard error is plenty.
-            "evaluation": {"margin_se": 1.0},
+            # The drop here is large (measured: held-out 0.58-0.68 for v0, 0.50 +- 0.004 for
+            # v1, whose answers all run into the limit), but v0's own noise is not small: any
+            # drop rejects, so that the verdict does not hang on how v0's few samples fell.
+            # (A v1 promoted here makes no pairs, as its answers all tie, and the run ends with
+            # "the prompt set ran out".)
+            "evaluation": {"margin_se": 0.0},
         },
     )
     stack = stack_settings.model_copy(update={"served_model_name": "SmolLM2-135M-Instruct"})
     runner = Runner(settings, stack, status=lambda *a, **k: None)
-    report = runner.run()
     prefix = f"onpolicy.{runner.run_id}."
+    try:
+        report = runner.run()
+    except RuntimeError as e:
+        # Say what the evaluator decided: a run that fails here mostly failed there.
+        seen = [
+            (r.message.version, r.message.verdict, round(r.message.mean, 3), round(r.message.se, 3))
+            for r in read_topic(kafka, prefix + "evals", m.EvalResult)
+        ]
+        raise AssertionError(f"the run failed ({e}); evaluations: {seen}") from e
 
     evals = {
         r.message.version: r.message for r in read_topic(kafka, prefix + "evals", m.EvalResult)
