@@ -312,6 +312,38 @@ def build_trainer(
     return trainer
 
 
+def _full_state_dict(model: Any) -> dict[str, Any]:
+    """The whole model's state dict on rank 0 (empty elsewhere); a collective of all ranks.
+
+    PyTorch's own FSDP2 gather (``get_model_state_dict``, full and offloaded to CPU): each
+    sharded DTensor's ``full_tensor()``. On the CPU ranks switched to FSDP by
+    :func:`_fsdp_on_cpu`, accelerate's ``get_state_dict`` handed back tensors without
+    storage of their own (which of its paths did is not checked), which safetensors refuses ("Attempted to access the data pointer on an invalid python
+    storage"; seen here, every round failed); this call's tensors save (integration test).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def _materialized(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Plain tensors of a gathered FSDP2 state dict, safe to save.
+
+    On gloo (CPU ranks) the gathered values come back as functional collectives'
+    ``AsyncCollectiveTensor``: a wrapper subclass with no storage of its own, which
+    safetensors refuses ("Attempted to access the data pointer on an invalid python
+    storage"; seen here). Waiting on it gives the real tensor; the clone owns its memory.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        wait = getattr(value, "wait", None)
+        if callable(wait):
+            value = wait()
+        out[key] = value.detach().clone().contiguous()
+    return out
+
+
 def _save_gathered_adapter(model: Any, state_dict: dict[str, Any], output_dir: Path) -> None:
     """Save the "default" adapter from FSDP's gathered full state dict, as PEFT would.
 
@@ -379,7 +411,7 @@ def train_round(
         # DDP (launch.py): every rank holds the same weights; rank 0 saves them. FSDP: each
         # rank holds a shard; the full state dict is gathered (a collective: every rank
         # takes part) onto rank 0, which saves it.
-        state_dict = accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        state_dict = _materialized(_full_state_dict(trainer.model)) if fsdp else None
         if accelerator.is_main_process:
             if output_dir.exists():
                 shutil.rmtree(output_dir)
