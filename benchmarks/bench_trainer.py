@@ -18,6 +18,15 @@ On a GPU the sides run one after the other (2 passes alternating who goes first)
 bf16 (the service's rule: weights and autocast in bf16 where the GPU supports it), on more
 pairs (``--pairs``, default 512) so that steps, not start-up, dominate; the result goes to
 ``results/trainer-gpu.json`` and names the device.
+
+FSDP mode (CPU: 2 processes, gloo): the service with ``distributed=fsdp`` and
+``train_processes=2`` (torchrun, FSDP2 full shard through accelerate) against a plain TRL
+DPOTrainer script run by torchrun with 2 processes under the same accelerate FSDP config, on
+the same pairs; both timed from start to the saved adapter (the service: pairs produced to
+the PolicyUpdate), one after the other, alternating who goes first (2 passes; each side uses
+both cores). ``fsdp_ratio`` = mean service pairs/s / mean plain pairs/s (goal >= 0.95).
+``ONPOLICY_BENCH_TRAINER_MODES`` picks the modes (``lora,fsdp``, the default: both); a run of
+one mode keeps the other's figures from the results file.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from typing import Any
 PAIRS_FULL = 16
 PAIRS_QUICK = 8
 PAIRS_GPU = 512
+PAIRS_FSDP = 8
+RESULTS = Path(__file__).parent / "results" / "trainer.json"
 
 
 def _free_port() -> int:
@@ -213,7 +224,245 @@ def _device() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def _plain_fsdp_rank(job: Path) -> None:
+    """One rank of the plain FSDP baseline (run by torchrun): what a user would write with
+    TRL and accelerate's FSDP config, on CPU ranks (gloo)."""
+    import json
+
+    import torch
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    spec = json.loads((job / "plain.json").read_text())
+    s = spec["settings"]
+
+    class CpuFsdpDPOTrainer(DPOTrainer):
+        # accelerate 1.15 applies an FSDP plugin only on GPUs; on CPU ranks it would train
+        # DDP. The same switch as the service's (dpo._fsdp_on_cpu): accelerate's FSDP path.
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            if state.distributed_type == DistributedType.MULTI_CPU:
+                state.distributed_type = DistributedType.FSDP
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                self.is_fsdp_enabled = True
+
+    tokenizer = AutoTokenizer.from_pretrained(s["model"])
+    model = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
+    dataset = Dataset.from_list(spec["rows"])
+    with tempfile.TemporaryDirectory() as scratch:
+        config = DPOConfig(
+            output_dir=scratch,
+            beta=s["beta"],
+            loss_type=[s["loss_type"]],
+            learning_rate=s["learning_rate"],
+            num_train_epochs=s["num_epochs"],
+            per_device_train_batch_size=s["per_device_batch_size"],
+            gradient_accumulation_steps=s["gradient_accumulation_steps"],
+            max_length=s["max_length"],
+            bf16=False,
+            use_cpu=True,
+            seed=s["seed"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            fsdp=True,
+            fsdp_config={
+                "version": 2,
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "activation_checkpointing": True,
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+            activation_checkpointing=False,
+        )
+        trainer = CpuFsdpDPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(
+                r=s["lora_r"],
+                lora_alpha=s["lora_alpha"],
+                lora_dropout=s["lora_dropout"],
+                target_modules=list(s["target_modules"]),
+                task_type="CAUSAL_LM",
+            ),
+        )
+        trainer.train()
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.accelerator.is_main_process:
+            # PEFT's save_pretrained(state_dict=...) keeps nothing here: it matches module
+            # names, which FSDP's activation checkpointing wraps. The adapter's entries,
+            # named as PEFT names them, and its config:
+            from safetensors.torch import save_file
+
+            out = Path(spec["out"])
+            out.mkdir(parents=True, exist_ok=True)
+            weights = {
+                k.replace(".default.", "."): v.contiguous()
+                for k, v in state_dict.items()
+                if ".lora_" in k and ".default." in k
+            }
+            save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+            trainer.model.peft_config["default"].save_pretrained(str(out))
+        trainer.accelerator.wait_for_everyone()
+
+
+def plain_trl_fsdp(settings: Any, rows: list[dict[str, Any]], out: Path) -> float:
+    """The plain FSDP baseline under torchrun, 2 processes: seconds from start to saved."""
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="bench-plain-fsdp-") as tmp:
+        job = Path(tmp)
+        text_rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+        spec = {"settings": settings.model_dump(mode="json"), "rows": text_rows, "out": str(out)}
+        (job / "plain.json").write_text(json.dumps(spec))
+        started = time.monotonic()
+        subprocess.run(
+            [
+                *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+                *("--nproc-per-node=2", "-m", "benchmarks.bench_trainer"),
+                *("--plain-fsdp-rank", str(job)),
+            ],
+            check=True,
+        )
+        seconds = time.monotonic() - started
+    adapter = out / "adapter_model.safetensors"
+    if not adapter.exists() or adapter.stat().st_size < 1024:
+        raise RuntimeError("the plain FSDP baseline saved no adapter weights")
+    return seconds
+
+
+def run_fsdp(bootstrap: str, model: Path, tmp_path: Path, n: int) -> dict[str, Any]:
+    """The FSDP mode: service (2 ranks, FSDP2) vs plain TRL under the same FSDP config."""
+    from transformers import AutoTokenizer
+
+    from onpolicy.settings import KafkaSettings, TopicSettings
+    from onpolicy_trainer.pairs import to_rows
+    from onpolicy_trainer.settings import TrainerSettings
+    from onpolicy_trainer.synthetic import make_pairs
+
+    def settings_for(tag: str) -> TrainerSettings:
+        return TrainerSettings(
+            round_protocol=False,
+            kafka=KafkaSettings(bootstrap_servers=bootstrap, linger_ms=0),
+            topics=TopicSettings(prefix=f"bench-{uuid.uuid4().hex[:8]}.", partitions=2),
+            model=str(model),
+            checkpoint_uri=str(tmp_path / f"ckpt-fsdp-{tag}"),
+            round_size=n,
+            max_length=160,
+            per_device_batch_size=2,
+            train_processes=2,
+            distributed="fsdp",
+        )
+
+    pairs = make_pairs(n, tokenizer=AutoTokenizer.from_pretrained(str(model)))
+    rows = to_rows(pairs)
+    plain_rates: list[float] = []
+    service_rates: list[float] = []
+    round_metrics: dict[str, float] = {}
+    for i in range(2):
+        settings = settings_for(f"p{i}")
+        out = tmp_path / f"plain-fsdp-{i}"
+        if i % 2 == 0:
+            plain_s = plain_trl_fsdp(settings, rows, out)
+            service_s, round_metrics = _fresh_process(service_round, settings, pairs)
+        else:
+            service_s, round_metrics = _fresh_process(service_round, settings, pairs)
+            plain_s = plain_trl_fsdp(settings, rows, out)
+        assert round_metrics.get("fsdp") == 1.0, round_metrics
+        adapter = tmp_path / f"ckpt-fsdp-p{i}" / "policy-v1" / "adapter_model.safetensors"
+        assert adapter.stat().st_size > 1024, "the service saved no adapter weights"
+        plain_rates.append(n / plain_s)
+        service_rates.append(n / service_s)
+    plain_pps = statistics.fmean(plain_rates)
+    service_pps = statistics.fmean(service_rates)
+    ratio = service_pps / plain_pps
+    return {
+        "fsdp_ratio": round(ratio, 3),
+        "fsdp_goal": 0.95,
+        "fsdp_service_pairs_per_s": round(service_pps, 4),
+        "fsdp_plain_trl_pairs_per_s": round(plain_pps, 4),
+        "fsdp_passes": {
+            "plain_trl": [round(x, 4) for x in plain_rates],
+            "service": [round(x, 4) for x in service_rates],
+        },
+        "fsdp_round_metrics": {k: round(v, 4) for k, v in round_metrics.items()},
+        "fsdp_setup": (
+            f"SmolLM2-135M-Instruct, LoRA r=8, {n} pairs, 2 processes (torchrun, gloo), FSDP2 "
+            "full shard through accelerate (its FSDP path switched on for CPU ranks, both "
+            "sides), activation checkpointing, batch 2 per rank, max_length 160, fp32, one "
+            f"after the other alternating, 2 passes, load avg {os.getloadavg()[0]:.1f}"
+        ),
+        "fsdp_summary": (
+            f"trainer FSDP (2 CPU processes): service {service_pps:.3f} pairs/s vs plain TRL "
+            f"under the same FSDP config {plain_pps:.3f} pairs/s = {ratio:.3f}x (goal >= 0.95)"
+        ),
+    }
+
+
+def _modes() -> set[str]:
+    raw = os.environ.get("ONPOLICY_BENCH_TRAINER_MODES", "lora,fsdp")
+    modes = {m.strip() for m in raw.split(",") if m.strip()}
+    if not modes or modes - {"lora", "fsdp"}:
+        raise ValueError(f"ONPOLICY_BENCH_TRAINER_MODES={raw!r}: lora, fsdp or both")
+    return modes
+
+
 def run(args: Any) -> dict[str, Any]:
+    import json
+
+    modes = _modes()
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    result = run_lora(args, "fsdp" in modes) if "lora" in modes else None
+    if result is None:  # fsdp only: the lora mode's figures stay as they were
+        result = {k: v for k, v in previous.items() if not k.startswith("fsdp_")}
+        # The clocks of that earlier run, kept under names of their own.
+        for key in ("finished_unix", "wall_s", "bench_wall_s"):
+            if key in result:
+                result[f"lora_{key}"] = result.pop(key)
+        result |= _fsdp_only(args)
+    if result.get("gpu", "").startswith("none") and "fsdp_summary" in result:
+        result["summary"] = result["summary"].split("; FSDP:")[0] + (
+            "; FSDP: " + result["fsdp_summary"]
+        )
+    return result
+
+
+def _fsdp_only(args: Any) -> dict[str, Any]:
+    from onpolicy.stack import KafkaBroker, ensure_default_model
+    from onpolicy.stack.settings import StackSettings
+
+    n = getattr(args, "pairs", None) or PAIRS_FSDP
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        tmp_path = Path(tmp)
+        stack = StackSettings(
+            state_dir=tmp_path / "stack",
+            kafka_port=_free_port(),
+            kafka_controller_port=_free_port(),
+        )
+        model = ensure_default_model(stack)
+        broker = None
+        bootstrap = os.environ.get("ONPOLICY_TEST_BOOTSTRAP")
+        if not bootstrap:
+            broker = KafkaBroker(stack)
+            broker.start()
+            bootstrap = broker.bootstrap
+        try:
+            return run_fsdp(bootstrap, model, tmp_path, n)
+        finally:
+            if broker is not None:
+                broker.stop()
+
+
+def run_lora(args: Any, fsdp: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from onpolicy.settings import KafkaSettings, TopicSettings
@@ -295,6 +544,9 @@ def run(args: Any) -> dict[str, Any]:
                 service_rates.append(n / service_s)
                 if (pinned := on(i)) is not None:
                     pass_cores.append({"plain_trl": pinned[0], "service": pinned[1]})
+            fsdp_result = (
+                run_fsdp(bootstrap, model, tmp_path, PAIRS_FSDP) if fsdp and not gpu else {}
+            )
         finally:
             if broker is not None:
                 broker.stop()
@@ -349,4 +601,11 @@ def run(args: Any) -> dict[str, Any]:
     }
     if gpu:
         result["variant"] = "gpu"  # results/trainer-gpu.json: the CPU result stays beside it
-    return result
+    return result | fsdp_result
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--plain-fsdp-rank"]:
+        _plain_fsdp_rank(Path(sys.argv[2]))

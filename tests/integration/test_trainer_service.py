@@ -283,6 +283,47 @@ def test_round_in_two_processes_trains_data_parallel_and_saves_one_adapter(
     assert sorted(table.column("pair_id").to_pylist()) == sorted(p.id for p in pairs)
 
 
+def test_round_sharded_with_fsdp_in_two_processes_publishes_a_whole_adapter(
+    kafka, topics, model_dir, tmp_path
+):
+    """distributed=fsdp: FSDP2 (full shard) through accelerate, 2 ranks on gloo; rank 0
+    gathers the full state dict and saves an adapter of the model's full shapes."""
+    from safetensors import safe_open
+
+    settings = settings_for(
+        kafka,
+        topics,
+        model_dir,
+        tmp_path / "ckpt",
+        train_processes=2,
+        distributed="fsdp",
+        per_device_batch_size=4,
+        learning_rate=1e-3,
+    )
+    pairs = make_pairs(ROUND, policy_version=0)
+    publish(kafka, topics.name("pairs"), pairs)
+    processor, client, _ = service(settings)
+    with running(processor):
+        record = wait_first_round(kafka, topics, settings)
+        policy = client.get("/policy").json()
+    metrics_ = dict(record.message.metrics)
+    assert metrics_["processes"] == 2 and metrics_["fsdp"] == 1.0, metrics_
+    assert metrics_["steps"] == 1, metrics_  # 8 pairs, 4 per rank, 2 ranks
+    assert math.isfinite(metrics_["loss"]) and math.isfinite(metrics_["rewards/margins"])
+    adapter = Path(record.message.adapter_uri)
+    assert policy["version"] == 1 and policy["policy_uri"] == str(adapter)
+    hidden, rank = 576, settings.lora_r  # SmolLM2-135M: shapes whole, not one rank's shard
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+        q_a = weights.get_tensor(next(n for n in names if "q_proj.lora_A" in n))
+        q_b = weights.get_tensor(next(n for n in names if "q_proj.lora_B" in n))
+    assert len(names) == 30 * 4 * 2 and all("lora_" in n for n in names)
+    assert tuple(q_a.shape) == (rank, hidden) and tuple(q_b.shape) == (hidden, rank)
+    assert q_b.abs().sum() > 0  # PEFT starts B at zero: the round trained it
+    merged = Path(record.message.checkpoint_uri)  # handoff=merged, as with DDP
+    assert (merged / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------- crash safety
 def free_port() -> int:
     with socket.socket() as sock:

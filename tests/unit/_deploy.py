@@ -46,7 +46,11 @@ def tools_or_fail() -> None:
 
 @cache
 def built(overlay: str) -> tuple[dict[str, Any], ...]:
-    path = dc.K8S / "base" if overlay == "base" else dc.K8S / "overlays" / overlay
+    # "examples/<name>": a variant kept beside the overlays (not on the control-plane check).
+    if overlay == "base" or "/" in overlay:
+        path = dc.K8S / overlay
+    else:
+        path = dc.K8S / "overlays" / overlay
     return tuple(dc.kustomize_build(path))
 
 

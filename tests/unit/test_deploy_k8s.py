@@ -16,7 +16,8 @@ from _deploy import built, dc, load_service_settings, tools_or_fail, unknown_env
 
 from onpolicy.settings import TOPIC_KINDS
 
-OVERLAYS = ("base", "dev", "gpu", "gke", "eks", "gpu-operator")
+# examples/multinode: the gpu overlay with the trainer over several nodes (FSDP, c10d).
+OVERLAYS = ("base", "dev", "gpu", "gke", "eks", "gpu-operator", "examples/multinode")
 # The cloud overlays: the gpu overlay with components/<cloud> (GPU labels, RWX storage class).
 CLOUDS = {
     "gke": ("cloud.google.com/gke-accelerator", "standard-rwx"),

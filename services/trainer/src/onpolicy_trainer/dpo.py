@@ -148,7 +148,101 @@ def _trainer_class() -> type:
                 raise ValueError(f"rows lack the token columns {sorted(missing)}")
             return dataset
 
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            _fsdp_on_cpu(self)
+
     return TokenDPOTrainer
+
+
+def _fsdp_on_cpu(trainer: Any) -> None:
+    """Let accelerate's own FSDP path run on CPU ranks (gloo), as on GPUs.
+
+    accelerate 1.15 switches to ``DistributedType.FSDP`` only for GPU-like multi-device types
+    (``AcceleratorState.__init__``); on CPU ranks (``MULTI_CPU``) it drops the FSDP plugin the
+    Trainer built from ``fsdp_config`` and wraps the model in DDP instead. PyTorch's FSDP2
+    (``fully_shard`` on a CPU device mesh) works with gloo, so on a machine without a GPU the
+    shared state is switched to FSDP with that same plugin: from here on ``prepare`` and
+    ``get_state_dict`` are accelerate's unchanged FSDP code. Nothing changes on GPUs.
+    """
+    import torch
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin_args = trainer.args.fsdp_plugin_args
+    state = trainer.accelerator.state
+    if plugin_args is None or torch.cuda.is_available():
+        return
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
+def use_bf16(settings: TrainerSettings) -> bool:
+    """bf16 weights and autocast: as set, else where the GPU supports it."""
+    import torch
+
+    if settings.bf16 is not None:
+        return settings.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def fsdp_config(settings: TrainerSettings) -> dict[str, Any]:
+    """TrainingArguments ``fsdp_config`` for ``distributed="fsdp"``: full shard, one FSDP
+    unit per decoder layer (the model's ``_no_split_modules``), a full state dict to save."""
+    v1 = (
+        {"sync_module_states": False, "use_orig_params": True} if settings.fsdp_version == 1 else {}
+    )
+    return v1 | {
+        "version": settings.fsdp_version,
+        "reshard_after_forward": True if settings.fsdp_version == 2 else "FULL_SHARD",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_offload": settings.fsdp_cpu_offload,
+        "activation_checkpointing": settings.gradient_checkpointing,
+        "state_dict_type": "FULL_STATE_DICT",
+        # Every rank loads the checkpoint itself (so FSDP1 need not broadcast rank 0's
+        # weights: sync_module_states off); rank-0-only loading (cpu_ram_efficient_loading)
+        # needs the model built on the meta device, which a policy handed over is not.
+        "cpu_ram_efficient_loading": False,
+    }
+
+
+def dpo_args(settings: TrainerSettings, scratch: str | Path, *, bf16: bool, cpu: bool) -> dict:
+    """The round's DPOConfig keyword arguments (TRL/transformers names), from the settings."""
+    args: dict[str, Any] = {
+        "output_dir": str(scratch),
+        "beta": settings.beta,
+        "loss_type": settings.loss_types,
+        "learning_rate": settings.learning_rate,
+        "num_train_epochs": settings.num_epochs,
+        "per_device_train_batch_size": settings.per_device_batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "max_length": settings.max_length,
+        "bf16": bf16,
+        # Without a GPU, several processes (launch.py) need this to train data-parallel
+        # on CPUs (gloo); for one process it changes nothing.
+        "use_cpu": cpu,
+        "seed": settings.seed,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "precompute_ref_log_probs": settings.precompute_ref_log_probs,
+    }
+    if settings.distributed == "fsdp":
+        args["fsdp"] = True  # full shard, per fsdp_config
+        args["fsdp_config"] = fsdp_config(settings)
+        # FSDP checkpoints the layers itself (fsdp_config); the Trainer's would all-gather
+        # every layer a second time in the backward pass.
+        args["activation_checkpointing"] = False
+    else:
+        args["activation_checkpointing"] = settings.gradient_checkpointing
+    return args
 
 
 def build_trainer(
@@ -169,7 +263,7 @@ def build_trainer(
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     previous = Path(previous_adapter) if previous_adapter else None
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(settings)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
@@ -200,26 +294,7 @@ def build_trainer(
         else:
             peft_config = lora_config(settings)
 
-    config = DPOConfig(
-        output_dir=str(scratch),
-        beta=settings.beta,
-        loss_type=settings.loss_types,
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.num_epochs,
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        max_length=settings.max_length,
-        bf16=bf16,
-        # Without a GPU, several processes (launch.py) need this to train data-parallel
-        # on CPUs (gloo); for one process it changes nothing.
-        use_cpu=not torch.cuda.is_available(),
-        seed=settings.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    config = DPOConfig(**dpo_args(settings, scratch, bf16=bf16, cpu=not torch.cuda.is_available()))
     trainer = _trainer_class()(
         model=model,
         ref_model=ref_model,
@@ -231,7 +306,71 @@ def build_trainer(
     )
     if previous is not None and peft_config is not None:
         _load_adapter_weights(trainer.model, previous)
+    if settings.precompute_ref_log_probs and ref_model is not None:
+        # The reference's log-probs are in the dataset now; the copy is not needed any more.
+        trainer.ref_model = None
     return trainer
+
+
+def _full_state_dict(model: Any) -> dict[str, Any]:
+    """The whole model's state dict on rank 0 (empty elsewhere); a collective of all ranks.
+
+    PyTorch's own FSDP2 gather (``get_model_state_dict``, full and offloaded to CPU): each
+    sharded DTensor's ``full_tensor()``. On the CPU ranks switched to FSDP by
+    :func:`_fsdp_on_cpu`, accelerate's ``get_state_dict`` handed back tensors without
+    storage of their own (which of its paths did is not checked), which safetensors refuses ("Attempted to access the data pointer on an invalid python
+    storage"; seen here, every round failed); this call's tensors save (integration test).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def _materialized(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Plain tensors of a gathered FSDP2 state dict, safe to save.
+
+    On gloo (CPU ranks) the gathered values come back as functional collectives'
+    ``AsyncCollectiveTensor``: a wrapper subclass with no storage of its own, which
+    safetensors refuses ("Attempted to access the data pointer on an invalid python
+    storage"; seen here). Waiting on it gives the real tensor; the clone owns its memory.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        wait = getattr(value, "wait", None)
+        if callable(wait):
+            value = wait()
+        out[key] = value.detach().clone().contiguous()
+    return out
+
+
+def _save_gathered_adapter(model: Any, state_dict: dict[str, Any], output_dir: Path) -> None:
+    """Save the "default" adapter from FSDP's gathered full state dict, as PEFT would.
+
+    PEFT's ``save_pretrained(state_dict=...)`` picks the adapter's entries by the model's
+    module names, which FSDP's activation checkpointing has wrapped
+    (``..._checkpoint_wrapped_module.self_attn...``), while the gathered state dict has the
+    plain names: it would keep nothing (an empty adapter file; seen here). So the entries are
+    picked by PEFT's own key layout (``<module>.lora_A.default.weight``) and written with the
+    adapter name removed, beside the adapter's config, as ``save_pretrained`` writes them.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    adapter = "default"
+    weights = {
+        key.replace(f".{adapter}.", "."): value.contiguous()
+        for key, value in state_dict.items()
+        if ".lora_" in key and f".{adapter}." in key
+    }
+    if not weights:
+        raise RuntimeError("the gathered state dict holds no LoRA weights of the policy")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(output_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(output_dir))
 
 
 def train_round(
@@ -265,23 +404,32 @@ def train_round(
         if should_stop is not None and should_stop():
             raise RoundAborted("stopping: the round was cut short and is not saved")
         history = list(trainer.state.log_history)
+        fsdp = bool(trainer.is_fsdp_enabled)
 
-        trained = trainer.accelerator.unwrap_model(trainer.model)
-        # Data-parallel (launch.py): every rank holds the same weights; rank 0 saves them.
-        if trainer.accelerator.is_main_process:
+        accelerator = trainer.accelerator
+        trained = accelerator.unwrap_model(trainer.model)
+        # DDP (launch.py): every rank holds the same weights; rank 0 saves them. FSDP: each
+        # rank holds a shard; the full state dict is gathered (a collective: every rank
+        # takes part) onto rank 0, which saves it.
+        state_dict = _materialized(_full_state_dict(trainer.model)) if fsdp else None
+        if accelerator.is_main_process:
             if output_dir.exists():
                 shutil.rmtree(output_dir)
             if settings.full_finetune:
-                trained.save_pretrained(output_dir)
+                trained.save_pretrained(output_dir, state_dict=state_dict)
                 tokenizer.save_pretrained(output_dir)
+            elif state_dict is not None:
+                _save_gathered_adapter(trained, state_dict, output_dir)
             else:
                 # Only the policy: TRL's frozen "ref" copy (reference="previous") is not saved.
                 trained.save_pretrained(output_dir, selected_adapters=["default"])
         trainer.accelerator.wait_for_everyone()
 
     metrics = _round_metrics(history, output.training_loss)
+    # TRL's own clock: the steps alone (no model load, no save), beside the round's seconds.
+    metrics["train_runtime"] = float((output.metrics or {}).get("train_runtime", math.nan))
     seconds = time.monotonic() - started
-    metrics |= {"pairs": float(len(rows)), "seconds": seconds}
+    metrics |= {"pairs": float(len(rows)), "seconds": seconds, "fsdp": float(fsdp)}
     metrics["pairs_per_s"] = len(rows) / seconds if seconds > 0 else math.inf
     log.info(
         "DPO round on %d pairs in %.1fs: loss %.4f, margins %.4f, accuracy %.2f",

@@ -165,6 +165,58 @@ class TrainerSettings(ServiceSettings):
         ),
     )
 
+    # Large models (accelerate + TRL; see "Model sizes and GPUs" in the trainer README)
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="how a round's processes share the model: ddp (a full copy of weights, "
+        "gradients and AdamW states on every rank, gradients all-reduced) or fsdp (PyTorch "
+        "FSDP through accelerate, full shard: weights, gradients and optimizer states split "
+        "across every rank of every node, gathered one decoder layer at a time)",
+    )
+    fsdp_version: Literal[1, 2] = Field(
+        2,
+        description="FSDP implementation (TrainingArguments fsdp_config['version']): 2 "
+        "(fully_shard, DTensor parameters) or 1 (the legacy FullyShardedDataParallel wrapper, "
+        "deprecated by transformers)",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep the sharded parameters, gradients and optimizer states in host "
+        "memory between uses (fsdp_config['cpu_offload']; slower, fits more)",
+    )
+    gradient_checkpointing: bool = Field(
+        True,
+        description="recompute each decoder layer's activations in the backward pass instead "
+        "of keeping them (on by default, as in TRL's DPOConfig; TrainingArguments "
+        "activation_checkpointing, under fsdp FSDP's own fsdp_config['activation_checkpointing'] "
+        "instead, which avoids a second all-gather)",
+    )
+    bf16: bool | None = Field(
+        None,
+        description="weights and autocast in bfloat16 (TrainingArguments bf16 and the model's "
+        "dtype); none: where the GPU supports it (fp32 on a CPU)",
+    )
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="full_finetune: compute the reference's log-probs of every pair once, "
+        "before training (DPOConfig precompute_ref_log_probs), so no reference model is held "
+        "during the steps (under fsdp TRL loads it for the pass, then frees it). Off: the "
+        "reference is a frozen copy, sharded like the policy under fsdp. A LoRA never needs "
+        "it: its reference is the base with the adapter disabled",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="nodes (pods) a round's ranks span; > 1 needs rdzv_endpoint, and a worker "
+        "on every other node (python -m onpolicy_trainer.launch --worker, see deploy/)",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="host:port of torchrun's c10d rendezvous when nnodes > 1 (this pod's "
+        "address: its ranks are rank 0, which saves the policy)",
+    )
+    rdzv_id: str = Field("onpolicy-trainer", description="torchrun rendezvous id (nnodes > 1)")
+
     # Optional Hugging Face Hub export (needs the `hub` extra and a token)
     hub_repo_id: str | None = Field(
         None, description="push each round's adapter and dataset to this Hub repo"
@@ -189,6 +241,35 @@ class TrainerSettings(ServiceSettings):
                 "largest rank the samplers' vLLM serves (--max-lora-rank): every sampler would "
                 "refuse the adapters. Lower lora_r [env ONPOLICY_TRAINER_LORA_R] or raise "
                 "max_lora_rank for vLLM, sampler and trainer together [env ONPOLICY_MAX_LORA_RANK]"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes ({self.nnodes}) > 1 needs rdzv_endpoint, the host:port of this pod's "
+                "c10d rendezvous that the other nodes' workers join "
+                "[env ONPOLICY_TRAINER_RDZV_ENDPOINT]"
+            )
+        if self.nnodes > 1 and self.train_processes == 1:
+            raise ValueError(
+                "nnodes > 1 trains in child processes under torchrun: train_processes must not "
+                "be 1 (0: one per visible GPU) [env ONPOLICY_TRAINER_TRAIN_PROCESSES]"
+            )
+        if self.distributed == "fsdp" and self.train_processes == 1 and self.nnodes == 1:
+            raise ValueError(
+                "distributed=fsdp shards the model across processes, and train_processes=1 "
+                "trains in the service process, unsharded: set train_processes to the number "
+                "of GPUs (0: one per visible GPU) [env ONPOLICY_TRAINER_TRAIN_PROCESSES] or "
+                "distributed=ddp [env ONPOLICY_TRAINER_DISTRIBUTED]"
+            )
+        if self.distributed != "fsdp" and self.fsdp_cpu_offload:
+            raise ValueError(
+                "fsdp_cpu_offload offloads FSDP shards and needs distributed=fsdp "
+                "[env ONPOLICY_TRAINER_DISTRIBUTED]"
+            )
+        if self.precompute_ref_log_probs and not self.full_finetune:
+            raise ValueError(
+                "precompute_ref_log_probs is for full_finetune: a LoRA's reference is the base "
+                "model with the adapter disabled, which holds no second copy "
+                "[env ONPOLICY_TRAINER_PRECOMPUTE_REF_LOG_PROBS]"
             )
         return self
 
