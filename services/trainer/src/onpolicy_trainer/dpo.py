@@ -318,8 +318,9 @@ def _full_state_dict(model: Any) -> dict[str, Any]:
     PyTorch's own FSDP2 gather (``get_model_state_dict``, full and offloaded to CPU): each
     sharded DTensor's ``full_tensor()``. On the CPU ranks switched to FSDP by
     :func:`_fsdp_on_cpu`, accelerate's ``get_state_dict`` handed back tensors without
-    storage of their own (which of its paths did is not checked), which safetensors refuses ("Attempted to access the data pointer on an invalid python
-    storage"; seen here, every round failed); this call's tensors save (integration test).
+    storage of their own (which of its paths did is not checked), which safetensors
+    refuses ("Attempted to access the data pointer on an invalid python storage"; seen
+    here, every round failed); this call's tensors save (integration test).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
