@@ -9,7 +9,10 @@ computed per sample and per prompt, not only from the report's means:
 - ``eval_before`` / ``eval_after``: the held-out reward (the judge's score: for the
   instructions task, the share of a prompt's constraints met, IFEval's instruction-level
   accuracy) of v0 and of the last policy, mean over seeds; ``prompt_pass_*`` the share of
-  answers meeting every constraint (IFEval's prompt-level accuracy).
+  answers meeting every constraint (IFEval's prompt-level accuracy); ``answered_*`` the share
+  of answers that name one of the question's reference terms (the judge's ``mentions`` gate:
+  the answer's content, not its form) and ``words_*`` the answers' mean length in words, so a
+  gain bought by short non-answers shows.
 - ``eval_se``: the standard error of one evaluation's mean, clustered by prompt (a prompt's
   samples are not independent); ``gain_se``: that of the gain (before and after are paired by
   prompt: the SE of the per-prompt differences).
@@ -35,6 +38,7 @@ from onpolicy.run.runner import Runner, local_stack
 from onpolicy.run.settings import DEMO_TASK, RunSettings
 from onpolicy.settings import load_settings
 from onpolicy.stack import StackSettings
+from onpolicy_judge import constraints
 
 PLOT = Path(__file__).parent.parent / "docs" / "demo-instructions.png"
 
@@ -53,11 +57,18 @@ def eval_samples(kafka: Any, topic: str) -> dict[int, dict[str, dict[str, Any]]]
         out[g.group.policy_version][p.id.rsplit(":", 2)[0]] = {
             "question": p.messages[0].content if p.messages else p.text,
             "format": p.metadata.get("format", ""),
+            "constraints": p.metadata.get("constraints", ""),
             "scores": list(g.scores),
             "answers": [c.text for c in g.group.completions],
             "policy_version": g.group.policy_version,
         }
     return out
+
+
+def _answered(answer: str, spec: str) -> bool:
+    """The answer names a reference term of its question (True where the prompt has none)."""
+    gates = [(k, a) for k, a in constraints.parse(spec) if k in constraints.GATES] if spec else []
+    return all(constraints.CHECKS[k](answer, a) for k, a in gates)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -78,9 +89,12 @@ def summarise(evals: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
         by_format: dict[str, list[float]] = defaultdict(list)
         for x in prompts.values():
             by_format[x["format"]] += [float(s >= 1.0) for s in x["scores"]]
+        answers = [(a, x["constraints"]) for x in prompts.values() for a in x["answers"]]
         rounds.append(
             {
                 "round": r,
+                "answered": statistics.fmean(_answered(a, spec) for a, spec in answers),
+                "words": statistics.fmean(len(constraints.words(a)) for a, _ in answers),
                 "reward": mean,
                 "reward_se": se,
                 "prompt_pass": pass_rate,
@@ -222,6 +236,10 @@ def aggregate(settings: RunSettings, runs: list[dict[str, Any]]) -> dict[str, An
     off_gain, off_sd = stat("offpolicy", lambda s: s["gain"])
     pass_before, _ = stat("onpolicy", lambda s: s["rounds"][0]["prompt_pass"])
     pass_after, _ = stat("onpolicy", lambda s: s["rounds"][-1]["prompt_pass"])
+    answered_before, _ = stat("onpolicy", lambda s: s["rounds"][0].get("answered"))
+    answered_after, _ = stat("onpolicy", lambda s: s["rounds"][-1].get("answered"))
+    words_before, _ = stat("onpolicy", lambda s: s["rounds"][0].get("words"))
+    words_after, _ = stat("onpolicy", lambda s: s["rounds"][-1].get("words"))
     wall = statistics.fmean(r["loop_s"] for r in runs)
     eval_se = statistics.fmean(r["onpolicy"]["rounds"][-1]["reward_se"] for r in runs)
     gain_se = statistics.fmean(r["onpolicy"]["gain_se"] for r in runs)
@@ -239,7 +257,9 @@ def aggregate(settings: RunSettings, runs: list[dict[str, Any]]) -> dict[str, An
         f"{settings.eval_size} held-out prompts x {settings.eval_samples}): held-out "
         f"constraint accuracy **{before:.3f} -> {after:.3f}** (gain **{on_gain:+.3f}**, SE of "
         f"the gain {gain_se:.3f}, paired by prompt){spread}{off}; answers meeting every "
-        f"constraint {pass_before:.0%} -> {pass_after:.0%}; on-policy run {wall / 60:.1f} min "
+        f"constraint {pass_before:.0%} -> {pass_after:.0%}; answers naming a reference term "
+        f"{answered_before:.0%} -> {answered_after:.0%}, {words_before:.0f} -> "
+        f"{words_after:.0f} words on average; on-policy run {wall / 60:.1f} min "
         f"on 2 CPU cores (stack start not included). Plot `docs/demo-instructions.png`."
     )
     return {
@@ -254,6 +274,10 @@ def aggregate(settings: RunSettings, runs: list[dict[str, Any]]) -> dict[str, An
         "offpolicy_gain_sd": off_sd,
         "prompt_pass_before": pass_before,
         "prompt_pass_after": pass_after,
+        "answered_before": answered_before,
+        "answered_after": answered_after,
+        "words_before": words_before,
+        "words_after": words_after,
         "wall_s": wall,
         "seeds": n,
         "settings": {

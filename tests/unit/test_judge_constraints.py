@@ -54,6 +54,7 @@ def test_every_constraint_must_hold_and_the_answer_must_have_ended():
         ("shout", "unknown"),
         ("max_words=ten", "positive whole number"),
         ("include=", "needs an argument"),
+        ("mentions=|", "needs an argument"),
         (" ; ", "names no constraint"),
     ],
 )
@@ -87,10 +88,28 @@ def test_bundled_tasks_are_valid_disjoint_and_checkable(task):
     if task == "instructions":
         kinds = [[kind for kind, _ in c.prompt_constraints(p)] for p in train + held_out]
         formats = [p.metadata["format"] for p in train + held_out]
-        assert [k[0] for k in kinds] == formats and all(k[1:] in ([], ["include"]) for k in kinds)
+        assert [k[0] for k in kinds] == formats
+        assert all(k[1:] in (["mentions"], ["include", "mentions"]) for k in kinds)
         # A word of the question to use keeps answers on topic; only questions of short
         # words ("What is Wi-Fi?") have none.
-        assert sum(k[1:] == ["include"] for k in kinds) >= 0.95 * len(kinds)
+        assert sum(k[1:2] == ["include"] for k in kinds) >= 0.95 * len(kinds)
+        # Every question has reference terms, and none of them is a word of the question
+        # (else repeating the question would pass), but for a text to summarise.
+        for p in train + held_out:
+            question = p.messages[0].content.split("?")[0]
+            terms = dict(c.prompt_constraints(p))["mentions"].split("|")
+            if "summarize" not in question.casefold():
+                assert not [t for t in terms if c.include(question, t)], question
+
+
+def test_mentions_gates_the_score_on_the_answer_s_content():
+    spec = "start_with=Sure;include=major;mentions=nile|egypt"
+    assert score("Sure. The major river there is the Nile.", spec) == 1.0
+    assert score("Sure, the Niles.", spec, partial=True) == 0.5  # plural, one of two formats
+    assert score("Sure. A major river.", spec, partial=True) == 0.0  # formats met, no answer
+    assert score("Sure.", spec, partial=True) == 0.0
+    assert score("The Nile.", "mentions=nile") == 1.0  # a gate alone
+    assert score("Senile.", "mentions=nile") == 0.0  # whole words only
 
 
 def test_no_echo_fails_an_answer_that_repeats_the_question():

@@ -2,7 +2,10 @@
 
 Each question of ``demo_prompts.jsonl`` (training) and ``demo_eval_prompts.jsonl`` (held out,
 disjoint) gets one format constraint, in turn, plus ``include`` of a content word of the
-question itself (the longest word that is not a stop word), which keeps answers on topic.
+question itself (the longest word that is not a stop word), which keeps answers on topic,
+and ``mentions`` of the question's reference terms (``metadata.mentions`` of the plain
+questions, ``|``-separated: words a right answer uses that the question does not), which the
+judge requires.
 ``python -m onpolicy.data.make_instructions`` rewrites ``instructions_*.jsonl`` beside it.
 """
 
@@ -132,6 +135,8 @@ def build(source: str, target: str, formats: list[tuple[str, str]]) -> int:
         spec, sentence = formats[i % len(formats)]
         word = keyword(question)
         specs = [spec] + ([f"include={word}"] if word else [])
+        if terms := row["metadata"].get("mentions"):
+            specs.append(f"mentions={terms}")
         text = f"{question} {sentence}" + (f' Use the word "{word}".' if word else "")
         out.append(
             {

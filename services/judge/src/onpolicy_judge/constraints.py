@@ -11,6 +11,13 @@ A prompt names its constraints in ``metadata["constraints"]``, ``;``-separated, 
 every constraint, else 0, so the held-out mean reward is the pass rate. The ``include``
 constraint names a content word of the question, which keeps answers on the question's topic:
 a short non-answer passes a length rule but not that one.
+
+``mentions=nile|egypt`` is the answer's content: the answer names at least one of the
+reference terms (words a right answer uses and the question does not). It is a gate, not one
+constraint among others: an answer without any of them scores 0 however well it follows the
+format, since in the demo's runs a policy judged on format alone learned to answer "Which major
+river flows through Cairo? Begin with Sure" with "Sure." and "Name three noble gases" with
+"noble gases".
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ _BULLET = re.compile(r"^\s*[-*•]\s+\S")
 _TRAILING = " \t\n.!?;:,\"')]*"
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     return _WORDS.findall(text)
 
 
@@ -38,12 +45,17 @@ def lowercase(text: str, arg: str) -> bool:
 
 def max_words(text: str, arg: str) -> bool:
     """At least one word and at most ``arg`` words."""
-    return 0 < len(_words(text)) <= int(arg)
+    return 0 < len(words(text)) <= int(arg)
 
 
 def include(text: str, arg: str) -> bool:
     """The word ``arg`` (or its plural), case ignored, as a whole word."""
     return re.search(rf"\b{re.escape(arg)}(s|es)?\b", text, re.IGNORECASE) is not None
+
+
+def mentions(text: str, arg: str) -> bool:
+    """At least one of the ``|``-separated terms (or a plural), case ignored, as whole words."""
+    return any(include(text, term) for term in arg.split("|") if term.strip())
 
 
 def bullets(text: str, arg: str) -> bool:
@@ -59,8 +71,8 @@ def end_with(text: str, arg: str) -> bool:
 
 def start_with(text: str, arg: str) -> bool:
     """The first word is ``arg`` (case and leading punctuation ignored)."""
-    words = _words(text)
-    return bool(words) and words[0].casefold() == arg.casefold()
+    found = words(text)
+    return bool(found) and found[0].casefold() == arg.casefold()
 
 
 def no_commas(text: str, arg: str) -> bool:
@@ -77,6 +89,7 @@ CHECKS: dict[str, Callable[[str, str], bool]] = {
     "lowercase": lowercase,
     "max_words": max_words,
     "include": include,
+    "mentions": mentions,
     "bullets": bullets,
     "end_with": end_with,
     "start_with": start_with,
@@ -86,6 +99,8 @@ CHECKS: dict[str, Callable[[str, str], bool]] = {
 # Kinds whose argument must be a positive integer; the others' must not be empty (below).
 _INT_ARG = {"max_words", "bullets"}
 _NO_ARG = {"lowercase", "no_commas", "quoted"}
+# Kinds that gate the score (0 unless met) instead of counting as one share of it.
+GATES = {"mentions"}
 
 
 def parse(spec: str) -> list[tuple[str, str]]:
@@ -97,7 +112,7 @@ def parse(spec: str) -> list[tuple[str, str]]:
             raise InvalidRecord(f"constraint {kind!r} is unknown; known: {sorted(CHECKS)}")
         if kind in _INT_ARG and not (arg.isdigit() and int(arg) > 0):
             raise InvalidRecord(f"constraint {kind!r} needs a positive whole number, got {arg!r}")
-        if kind not in _INT_ARG | _NO_ARG and not arg:
+        if kind not in _INT_ARG | _NO_ARG and not arg.strip("| "):
             raise InvalidRecord(f"constraint {kind!r} needs an argument ({kind}=...)")
         out.append((kind, arg))
     if not out:
@@ -118,11 +133,11 @@ def results(text: str, constraints: list[tuple[str, str]]) -> list[bool]:
 
 def echoes(text: str, prompt: m.Prompt) -> bool:
     """The answer repeats a sentence of the prompt of 4 words or more (case ignored)."""
-    said = " ".join(_words(text)).casefold()
+    said = " ".join(words(text)).casefold()
     asked = prompt.messages[-1].content if prompt.messages else prompt.text
     sentences = re.split(r"(?<=[.?!])\s+", asked)
     return any(
-        len(w := _words(sentence)) >= 4 and " ".join(w).casefold() in said for sentence in sentences
+        len(w := words(sentence)) >= 4 and " ".join(w).casefold() in said for sentence in sentences
     )
 
 
@@ -141,12 +156,18 @@ def instructions(
     person would not call half an answer one that follows the instructions. ``no_echo``:
     an answer that repeats a sentence of the prompt scores 0 (in the demo's pilots the
     policy learned to pass "Use the word X" and "no commas" by echoing the question).
+    A gate (``mentions``) that fails scores 0; the other constraints make the score.
     """
-    checks = results(completion.text, prompt_constraints(prompt))
+    constraints = prompt_constraints(prompt)
     if require_finished and completion.finish_reason == "length":
         return 0.0
     if no_echo and echoes(completion.text, prompt):
         return 0.0
+    if not all(CHECKS[kind](completion.text, arg) for kind, arg in constraints if kind in GATES):
+        return 0.0
+    checks = results(completion.text, [(k, a) for k, a in constraints if k not in GATES])
+    if not checks:
+        return 1.0
     if partial:
         return sum(checks) / len(checks)
     return 1.0 if all(checks) else 0.0
