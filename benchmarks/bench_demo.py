@@ -35,7 +35,7 @@ from typing import Any
 from onpolicy import messages as m
 from onpolicy.bus import read_topic
 from onpolicy.run.runner import Runner, local_stack
-from onpolicy.run.settings import DEMO_TASK, RunSettings
+from onpolicy.run.settings import DEMO_DEFAULTS, RunSettings
 from onpolicy.settings import load_settings
 from onpolicy.stack import StackSettings
 from onpolicy_judge import constraints
@@ -173,8 +173,9 @@ def run(args: Any, compare_offpolicy: bool = True) -> dict[str, Any]:
     if args.quick:
         extra |= {"rounds": 1, "prompts_per_round": 16, "eval_size": 16}
     base = load_settings(RunSettings, **extra)
-    if "task" not in base.model_fields_set:  # the demo's task, unless the YAML names one
-        extra["task"] = DEMO_TASK
+    # The demo's defaults (task, prompt reuse) where the YAML names none.
+    if missing := {k: v for k, v in DEMO_DEFAULTS.items() if k not in base.model_fields_set}:
+        extra |= missing
         base = load_settings(RunSettings, **extra)
     stack_settings = load_settings(StackSettings)
     runs_dir = Path(tempfile.mkdtemp(prefix="bench-demo-"))

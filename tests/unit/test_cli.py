@@ -69,6 +69,10 @@ def test_demo_runs_the_instructions_task_and_run_keeps_concise(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("run:\n  task: concise\n")
     assert run_settings([], config, command="demo").task == "concise"  # the YAML's choice
+    # The demo reuses its prompts (the content gate makes many ties); `run` does not.
+    assert s.prompt_epochs and not plain.prompt_epochs
+    config.write_text("run:\n  prompt_epochs: false\n")
+    assert not run_settings([], config, command="demo").prompt_epochs
 
 
 def test_judge_flag_takes_function_specs():

@@ -269,7 +269,7 @@ def merge_judge(base: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
 
 def run_settings(args: argparse.Namespace):  # -> RunSettings
     """``onpolicy run``'s settings: the YAML file and environment, the flags over them."""
-    from onpolicy.run.settings import DEMO_TASK, RunSettings
+    from onpolicy.run.settings import DEMO_DEFAULTS, RunSettings
 
     overrides = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
     if args.compare_offpolicy:
@@ -277,9 +277,11 @@ def run_settings(args: argparse.Namespace):  # -> RunSettings
     if args.external_stack:
         overrides["external_stack"] = True
     settings = load_settings(RunSettings, config_file=args.config, **overrides)
-    if args.command == "demo" and "task" not in settings.model_fields_set:
-        overrides["task"] = DEMO_TASK  # no flag, YAML or variable named one
-        settings = load_settings(RunSettings, config_file=args.config, **overrides)
+    if args.command == "demo":  # the demo's defaults where no flag, YAML or variable set one
+        missing = {k: v for k, v in DEMO_DEFAULTS.items() if k not in settings.model_fields_set}
+        if missing:
+            overrides |= missing
+            settings = load_settings(RunSettings, config_file=args.config, **overrides)
     if judge := judge_overrides(args):
         # Over the judge section of the YAML file (its pairs.*, llm.* settings stay).
         overrides["judge"] = merge_judge(settings.judge, judge)
