@@ -15,7 +15,8 @@ computed per sample and per prompt, not only from the report's means:
   gain bought by short non-answers shows.
 - ``eval_se``: the standard error of one evaluation's mean, clustered by prompt (a prompt's
   samples are not independent); ``gain_se``: that of the gain (before and after are paired by
-  prompt: the SE of the per-prompt differences).
+  prompt: the SE of the per-prompt differences), mean over seeds; ``mean_gain_se``: the SE of
+  the gain's mean over the seeds (they sample and train independently).
 - ``wall_s``: the on-policy run's wall time (stack start excluded, the bench starts it once).
 
 Results: ``benchmarks/results/demo.json``, the plot ``docs/demo-instructions.png``.
@@ -245,6 +246,8 @@ def aggregate(settings: RunSettings, runs: list[dict[str, Any]]) -> dict[str, An
     eval_se = statistics.fmean(r["onpolicy"]["rounds"][-1]["reward_se"] for r in runs)
     gain_se = statistics.fmean(r["onpolicy"]["gain_se"] for r in runs)
     n = len(runs)
+    # The seeds sample and train independently: the SE of their mean gain.
+    mean_gain_se = math.sqrt(sum(r["onpolicy"]["gain_se"] ** 2 for r in runs)) / n
     spread = f" (sd over {n} seeds {on_sd:.3f})" if n > 1 else " (one seed)"
     off = (
         f"; **off-policy** (as many pairs, all sampled by v0) {off_gain:+.3f}"
@@ -257,7 +260,8 @@ def aggregate(settings: RunSettings, runs: list[dict[str, Any]]) -> dict[str, An
         f"x {settings.prompts_per_round} prompts, N={settings.num_samples}, "
         f"{settings.eval_size} held-out prompts x {settings.eval_samples}): held-out "
         f"constraint accuracy **{before:.3f} -> {after:.3f}** (gain **{on_gain:+.3f}**, SE of "
-        f"the gain {gain_se:.3f}, paired by prompt){spread}{off}; answers meeting every "
+        f"the gain {gain_se:.3f} per run, paired by prompt; {mean_gain_se:.3f} of the mean "
+        f"over {n} seeds){spread}{off}; answers meeting every "
         f"constraint {pass_before:.0%} -> {pass_after:.0%}; answers naming a reference term "
         f"{answered_before:.0%} -> {answered_after:.0%}, {words_before:.0f} -> "
         f"{words_after:.0f} words on average; on-policy run {wall / 60:.1f} min "
@@ -269,6 +273,7 @@ def aggregate(settings: RunSettings, runs: list[dict[str, Any]]) -> dict[str, An
         "eval_after_sd": after_sd,
         "eval_se": eval_se,
         "gain_se": gain_se,
+        "mean_gain_se": mean_gain_se,
         "onpolicy_gain": on_gain,
         "onpolicy_gain_sd": on_sd,
         "offpolicy_gain": off_gain,

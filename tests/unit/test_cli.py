@@ -71,6 +71,8 @@ def test_demo_runs_the_instructions_task_and_run_keeps_concise(tmp_path):
     assert run_settings([], config, command="demo").task == "concise"  # the YAML's choice
     # The demo reuses its prompts (the content gate makes many ties); `run` does not.
     assert s.prompt_epochs and not plain.prompt_epochs
+    # ... and samples each held-out prompt four times (the gain's SE is mostly sampling noise).
+    assert s.eval_samples == 4 and plain.eval_samples == 2
     config.write_text("run:\n  prompt_epochs: false\n")
     assert not run_settings([], config, command="demo").prompt_epochs
 

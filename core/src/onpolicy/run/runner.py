@@ -187,11 +187,12 @@ class Runner:
         # A group whose samples tie makes no pair, and the initial policy ties more often than
         # a trained one (its answers run into max_tokens alike): top up with the prompt set's
         # next prompts, as many rounds' worth at most as the run has, so that both lineages
-        # train on as many pairs where the set allows.
+        # train on as many pairs where the set allows. The on-policy lineage may publish up to
+        # four more rounds' worth per round, so the cap is the same (2x ran dry: 51 of 98).
         wanted, extra = sum(pairs_per_round), s.rounds
         while (
             available < wanted
-            and extra < 2 * s.rounds
+            and extra < 5 * s.rounds
             and (
                 s.prompt_epochs
                 or (extra + 1) * s.prompts_per_round <= len(self.train_source.prompts)
