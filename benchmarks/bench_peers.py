@@ -54,9 +54,8 @@ SYSTEMS = ("onpolicy", "script", "online_dpo")
 DEFAULT_ROUNDS = 3
 DEFAULT_PROMPTS_PER_ROUND = 24
 DEFAULT_REPEATS = 1
-# Samples per held-out prompt for eval_before / eval_after; equal to eval_samples (2), the
-# last per-version evaluation of the script and of OnlineDPO is their eval_after.
-FINAL_SAMPLES = 2
+# Samples per held-out prompt for eval_before / eval_after: the demo's eval_samples (4); so
+# the last per-version evaluation of the script and of OnlineDPO is their eval_after.
 LABEL = "bench-peers"
 
 
@@ -749,7 +748,7 @@ def save_partial(runs: list[dict[str, Any]]) -> None:
 
 def run(args: Any) -> dict[str, Any]:
     from onpolicy.run.prompts import load_prompts
-    from onpolicy.run.settings import DEMO_TASK, RunSettings
+    from onpolicy.run.settings import DEMO_DEFAULTS, RunSettings
     from onpolicy.settings import load_settings
     from onpolicy.stack import StackSettings
 
@@ -757,12 +756,14 @@ def run(args: Any) -> dict[str, Any]:
     ppr = getattr(args, "prompts_per_round", None) or DEFAULT_PROMPTS_PER_ROUND
     repeats = getattr(args, "repeats", None) or DEFAULT_REPEATS
     eval_size = getattr(args, "eval_size", None) or 48
-    final_samples = getattr(args, "final_samples", None) or FINAL_SAMPLES
     only = getattr(args, "systems", None) or list(SYSTEMS)
     if getattr(args, "quick", False):
         rounds, ppr, repeats, eval_size = 1, 4, 1, 8
-    extra = {"task": DEMO_TASK, "rounds": rounds, "prompts_per_round": ppr, "eval_size": eval_size}
+    # The demo's settings (task, prompt reuse, held-out samples): the script cycles through the
+    # prompt set as well.
+    extra = DEMO_DEFAULTS | {"rounds": rounds, "prompts_per_round": ppr, "eval_size": eval_size}
     base = load_settings(RunSettings, **extra)
+    final_samples = getattr(args, "final_samples", None) or base.eval_samples
     cfg = make_config(base, final_samples)
     tmp = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     stack_settings = load_settings(
