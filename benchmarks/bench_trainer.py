@@ -294,7 +294,12 @@ def _plain_fsdp_rank(job: Path) -> None:
             ),
         )
         trainer.train()
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        # The service's gather (PyTorch's get_model_state_dict, waited on): accelerate's
+        # get_state_dict hands back tensors without storage on CPU ranks, which safetensors
+        # refuses; saving the same way keeps the two sides' cost equal.
+        from onpolicy_trainer.dpo import _full_state_dict, _materialized
+
+        state_dict = _materialized(_full_state_dict(trainer.model))
         if trainer.accelerator.is_main_process:
             # PEFT's save_pretrained(state_dict=...) keeps nothing here: it matches module
             # names, which FSDP's activation checkpointing wraps. The adapter's entries,
