@@ -660,3 +660,53 @@ def test_a_paused_partition_with_parked_records_is_fetched_again_once_resumed(ka
     finally:
         consumer.close(autocommit=False)
         raw.close()
+
+
+def test_records_held_for_later_work_are_let_go_at_stop_and_redelivered(kafka, topics):
+    """A handler holding its record for work that has not started (the trainer's pairs
+    waiting for a round) is let go by ``on_stop``: the stop takes moments, not the drain
+    timeout, the finished record commits, and the held one is handled by the next owner."""
+    import asyncio
+
+    waiting: list[asyncio.Future] = []
+
+    async def holding(record):
+        if record.message.text == "held":
+            future = asyncio.get_running_loop().create_future()
+            waiting.append(future)
+            await future  # resolved by nothing: only the stop lets it go
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    def let_go():
+        loop = processor.handler_loop
+        loop.call_soon_threadsafe(lambda: [f.cancel() for f in waiting])
+
+    processor = Processor(
+        kafka=kafka,
+        source=topics.name("prompts"),
+        message_type=m.Prompt,
+        handler=holding,
+        config=ProcessorConfig(group_id=f"{topics.prefix}g", concurrency=4, drain_timeout_s=30.0),
+        metrics=Metrics("test"),
+        dead_letter_topic=topics.name("dlq"),
+        on_stop=let_go,
+    )
+    raw = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    for text in ["done", "held"]:
+        value, headers = encode(m.validate(m.Prompt(text=text)))
+        raw.send(topics.name("prompts"), value, headers=headers, partition=0).get(30)
+    raw.close()
+    with running(processor):
+        wait_records(kafka, topics.name("completions"), m.CompletionGroup, 1)
+        wait_until(lambda: waiting, what="the held record's handler")
+        stopped = time.monotonic()
+    assert time.monotonic() - stopped < 10, "the stop waited for the held record"
+    # Only the finished record's offset commits: the held one stays for the next owner.
+    assert committed(kafka, processor.config.group_id, topics.name("prompts")).get(0) == 1
+
+    def finish(record):
+        return [Output(topics.name("completions"), echo_group(record.message))]
+
+    with running(make_processor(kafka, topics, finish)):
+        groups = wait_records(kafka, topics.name("completions"), m.CompletionGroup, 2)
+    assert sorted(g.message.prompt.text for g in groups) == ["done", "held"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from onpolicy import messages as m
 from onpolicy_trainer.dpo import _round_metrics
 from onpolicy_trainer.pairs import admit, sequence_length, to_row
@@ -74,3 +76,41 @@ def test_a_sampler_budget_over_max_length_is_said_once_naming_both_settings(capl
     [record] = caplog.records
     assert "sampler.max_tokens (12)" in record.message
     assert "trainer.max_length (16)" in record.message
+
+
+def test_at_stop_buffered_pairs_are_let_go_and_their_handlers_end_unfinished(tmp_path):
+    """``release_waiting`` (the processor's on_stop): pairs waiting for a round are let go
+    at once, their handlers end cancelled (so their offsets stay uncommitted), and no round
+    is started from them."""
+    import asyncio
+    import threading
+
+    from onpolicy.telemetry import Metrics
+    from onpolicy_trainer.rounds import RoundRunner
+    from onpolicy_trainer.settings import TrainerSettings
+
+    settings = TrainerSettings(
+        model="m", checkpoint_uri=str(tmp_path), round_size=4, round_protocol=False
+    )
+    runner = RoundRunner(settings, Metrics("trainer_stop_test"), producer=None)
+    trained = []
+    runner.train = lambda *a, **k: trained.append(a)
+
+    async def main():
+        runner.bind(asyncio.get_running_loop())
+        pairs = [_pair([1, 2], [3, 2], [4], version=0) for _ in range(2)]
+        for i, pair in enumerate(pairs):
+            pair.id = f"pair-{i}"
+        handlers = [asyncio.ensure_future(runner.handle(SimpleNamespace(message=p))) for p in pairs]
+        await asyncio.sleep(0.05)
+        assert len(runner.buffer) == 2 and runner.claimed == {"pair-0", "pair-1"}
+        # Called from the processor's polling thread, as at a stop.
+        threading.Thread(target=runner.release_waiting).start()
+        results = await asyncio.wait_for(
+            asyncio.gather(*handlers, return_exceptions=True), timeout=5
+        )
+        assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+        assert runner.buffer == [] and runner.claimed == set() and runner._timer is None
+
+    asyncio.run(main())
+    assert trained == []  # no round from the let-go pairs

@@ -217,9 +217,16 @@ class Processor(Generic[M]):
         dead_letter_topic: str,
         producer: Producer | None = None,
         fence: Callable[[int], int] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ):
         self.kafka = kafka
         self.fence = fence
+        # Called on the polling thread as a stop begins, before the drain: a handler that
+        # holds records for later work (the trainer's pairs waiting for a round) lets them go,
+        # so the drain waits only for work that can finish.
+        self.on_stop = on_stop
+        self._running = 0  # handlers not returned yet (finished, failed or abandoned)
+        self._running_lock = threading.Lock()
         # Partitions stopped at their fence -> the first offset not yet allowed.
         self._held: dict[TopicPartition, int] = {}
         self.source = source
@@ -400,6 +407,11 @@ class Processor(Generic[M]):
 
     def _shutdown(self, consumer: KafkaConsumer) -> None:
         log.info("stopping: draining %d in-flight records", self._offsets.in_flight())
+        if self.on_stop is not None:
+            try:
+                self.on_stop()
+            except Exception:  # the drain and the commit must happen all the same
+                log.exception("on_stop failed")
         self._drain()
         self._commit(consumer)
         consumer.close(autocommit=False)
@@ -440,6 +452,8 @@ class Processor(Generic[M]):
 
     def _submit(self, tp: TopicPartition, raw: object) -> None:
         self._offsets.start(tp, raw.offset)  # type: ignore[attr-defined]
+        with self._running_lock:
+            self._running += 1
         self.m_consumed.labels(self.source).inc()
         self.m_inflight.labels(self.source).inc()
         future = asyncio.run_coroutine_threadsafe(self._process(raw), self._loop)
@@ -447,6 +461,8 @@ class Processor(Generic[M]):
 
     def _finished(self, future: Future[bool], tp: TopicPartition, offset: int) -> None:
         self.m_inflight.labels(self.source).dec()
+        with self._running_lock:
+            self._running -= 1
         # Only records whose outputs are safely produced count as done; an abandoned one
         # (cancelled at shutdown) stays pending, so its offset is never committed.
         if not future.cancelled() and future.exception() is None and future.result():
@@ -465,8 +481,10 @@ class Processor(Generic[M]):
             log.warning("commit failed (records will be redelivered): %s", exc)
 
     def _drain(self) -> None:
+        # Waits for the handlers still running; one that returned without finishing its
+        # record (abandoned at stop) leaves the record pending: uncommitted, redelivered.
         deadline = time.monotonic() + self.config.drain_timeout_s
-        while self._offsets.in_flight() and time.monotonic() < deadline:
+        while self._running > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         if left := self._offsets.in_flight():
             log.warning("%d records unfinished after drain; they will be redelivered", left)

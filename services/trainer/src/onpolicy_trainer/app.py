@@ -95,6 +95,7 @@ def build(settings: TrainerSettings, metrics: Metrics, server: ServiceServer) ->
         metrics=metrics,
         dead_letter_topic=settings.topics.name("dlq"),
         producer=producer,
+        on_stop=runner.release_waiting,
     )
     runner.stopping = processor.stopping  # SIGTERM cuts a running round short
     runner.bind(processor.handler_loop)

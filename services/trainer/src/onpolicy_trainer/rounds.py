@@ -249,6 +249,30 @@ class RoundRunner:
         self._loop = loop
         self._lock = asyncio.Lock()
 
+    def release_waiting(self) -> None:
+        """At stop: the buffered pairs no round has taken are let go (their handlers return
+        unfinished, so their offsets stay uncommitted and the next owner gets them again)
+        instead of holding the drain until its timeout and the stop past its grace period.
+        A running round's pairs stay: it finishes or is cut short as before. Called from the
+        processor's polling thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def release() -> None:
+            if self.buffer:
+                log.info("stopping: %d buffered pairs left for redelivery", len(self.buffer))
+            for pair, future in self.buffer:
+                self.claimed.discard(pair.id)
+                future.cancel()
+            self.buffer.clear()
+            self._buffer_changed()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        loop.call_soon_threadsafe(release)
+
     # ------------------------------------------------------------------ the handler
     async def handle(self, record: Record[m.PreferencePair]) -> list[Output]:
         if self._loop is None:
