@@ -10,6 +10,7 @@ from google.protobuf.json_format import MessageToDict
 from onpolicy import messages as m
 from onpolicy.bus import Processor, ProcessorConfig, Producer
 from onpolicy.telemetry import Metrics, ServiceServer
+from onpolicy_trainer import merge
 from onpolicy_trainer.evaluation import Evaluator
 from onpolicy_trainer.launch import train_fn
 from onpolicy_trainer.planner import RoundPlanner
@@ -71,6 +72,8 @@ class TrainerProcessor(Processor[m.PreferencePair]):
 
 def build(settings: TrainerSettings, metrics: Metrics, server: ServiceServer) -> TrainerProcessor:
     """The trainer's processor; recovers the current version before consuming."""
+    if settings.handoff == "merged" and not settings.full_finetune:
+        merge.import_libraries()  # at start, not in the first round (merge.py)
     producer = Producer(settings.kafka, client_id=settings.group_id)
     evaluator = Evaluator(settings, producer, metrics) if settings.evaluation.enabled else None
     runner = RoundRunner(settings, metrics, producer, train=train_fn(settings), evaluator=evaluator)

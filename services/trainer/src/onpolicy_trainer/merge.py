@@ -18,6 +18,21 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def import_libraries() -> None:
+    """Import what a merge needs (torch, transformers, PEFT) now, at the service's start.
+
+    With ``train_processes`` > 1 the round trains in torchrun's ranks, so the service process
+    itself first imported these after its first round had trained, in the round's time: the
+    FSDP benchmark's round of 8 pairs took 50.6 s against 39.0 s for the training job, and a
+    cold import and merge measured 19.1 s against 2.7 s warm (2 cores, under load).
+    """
+    started = time.monotonic()
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    log.info("merge libraries imported (%.1fs)", time.monotonic() - started)
+
+
 def merge_adapter(base_model: str, adapter_dir: Path, output_dir: Path) -> Path:
     """Write ``base_model`` + the adapter at ``adapter_dir`` as one model folder."""
     import torch
