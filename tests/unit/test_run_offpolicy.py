@@ -80,11 +80,13 @@ def test_ties_are_made_up_with_more_prompts_sampled_by_the_initial_policy(runner
     assert len({p.id for p in train}) == 24  # fresh prompts, none sampled twice
 
 
-def test_topping_up_stops_at_twice_the_run_s_prompts(runner):
-    lineage = ScriptedLineage(pair_every=4)  # 24 prompts make 6 pairs
+def test_topping_up_stops_at_five_times_the_run_s_prompts(runner):
+    # As many prompts as the on-policy lineage may publish (its rounds' plus four more
+    # rounds' worth each): 2 rounds x 6 prompts -> at most 60, which make 10 of the 11 pairs.
+    lineage = ScriptedLineage(pair_every=6)
     runner.off_policy(lineage, [5, 6])
-    assert lineage.trained == [5, 1]
-    assert len(lineage._train()) == 24
+    assert lineage.trained == [5, 5]
+    assert len(lineage._train()) == 60
 
 
 def test_no_top_up_when_the_rounds_prompts_suffice(runner):
