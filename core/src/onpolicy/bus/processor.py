@@ -496,8 +496,15 @@ class Processor(Generic[M]):
             self.revocations += 1
         coordinator = getattr(self._consumer, "_coordinator", None)
         if coordinator is not None:
+            # At stop the drain has already waited for the running handlers: what is still
+            # pending then was let go (on_stop) or cut short and will not finish, so waiting
+            # for it here would only hold the close for the whole drain timeout.
             deadline = time.monotonic() + self.config.drain_timeout_s
-            while self._offsets.in_flight(revoked) and time.monotonic() < deadline:
+            while (
+                not self._stop.is_set()
+                and self._offsets.in_flight(revoked)
+                and time.monotonic() < deadline
+            ):
                 await coordinator._net.sleep(0.05)
             if left := self._offsets.in_flight(revoked):
                 log.warning("%d records unfinished at revoke (redone if the partition moves)", left)
