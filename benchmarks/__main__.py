@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="demo: runs (seeds) per lineage (default 3)")
     parser.add_argument("--rounds", type=int, help="peers: DPO rounds per system (default 3)")
     parser.add_argument(
-        "--prompts-per-round", type=int, help="peers: training pairs per round (default 24)"
+        "--prompts-per-round",
+        type=int,
+        help="peers: training pairs per round (default: the demo's, 40)",
     )
     parser.add_argument("--repeats", type=int, help="peers: runs of each system (default 1)")
     parser.add_argument("--eval-size", type=int, help="peers: held-out prompts (default 48)")

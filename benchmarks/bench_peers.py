@@ -3,8 +3,12 @@
 The same base model (SmolLM2-135M-Instruct), the demo's task (``instructions``: checkable
 constraints, judged by ``onpolicy_judge.constraints.instructions`` with ``partial``), the
 same training prompts in the same order, the same DPO hyper-parameters (the demo's: LoRA r8
-on q/k/v/o, lr 3e-3, beta 0.1, batch 2, one epoch per round, the base model as reference)
-and as many training pairs (``rounds`` x ``prompts_per_round``) for each of:
+on q/k/v/o, lr 2e-3, beta 0.1, batch 2, one epoch per round, the base model as reference)
+and as many training pairs per round for each of: onpolicy runs first in every repeat and
+plans ``prompts_per_round`` pairs a round, but a round trains every pair its planned prompts
+make (the plan is sized by the yield seen so far, and an improving policy ties less, so later
+rounds come out larger: 25, 36, 35 in the first run), so the other two then train as many
+pairs per round as onpolicy did in that repeat (without onpolicy: ``prompts_per_round``):
 
 1. **onpolicy**: ``onpolicy run`` through :class:`Runner` (strict, the merged hand-off), as
    ``python -m benchmarks demo`` runs it: the services sample, judge, pair, train and
@@ -25,7 +29,8 @@ each system's own per-version evaluations (onpolicy: the services' EvalResult; t
 :func:`evaluate` with ``eval_samples``). ``wall_s`` is the time from the first prompt to
 the last round's evaluated policy, the evaluations of v0..vR included for all three (the
 onpolicy loop evaluates every version; start-up of the stack, services and imports is not
-counted for any). Systems run one after the other, their order rotated per repeat.
+counted for any). Systems run one after the other: onpolicy first (it sets the pair
+budget), the other two in an order rotated per repeat.
 
 Results: ``benchmarks/results/peers.json``, the plot ``benchmarks/results/peers.png``.
 """
@@ -52,7 +57,6 @@ RESULTS = HERE / "results"
 PLOT = RESULTS / "peers.png"
 SYSTEMS = ("onpolicy", "script", "online_dpo")
 DEFAULT_ROUNDS = 3
-DEFAULT_PROMPTS_PER_ROUND = 24
 DEFAULT_REPEATS = 1
 # Samples per held-out prompt for eval_before / eval_after: the demo's eval_samples (4); so
 # the last per-version evaluation of the script and of OnlineDPO is their eval_after.
@@ -95,6 +99,25 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b <= 0:
         return None
     return a / b
+
+
+def pair_budget(cfg: Config, onpolicy: dict[str, Any] | None) -> list[int]:
+    """Pairs per round the script and OnlineDPO train: onpolicy's of this repeat when it ran
+    (so wall_vs_script compares the same pairs), else ``prompts_per_round``."""
+    trained = (onpolicy or {}).get("pairs_per_round") or []
+    if len(trained) == cfg.rounds and all(n > 0 for n in trained):
+        return list(trained)
+    return [cfg.prompts_per_round] * cfg.rounds
+
+
+def round_ends(budget: Sequence[int], batch_size: int) -> list[int]:
+    """OnlineDPO's global step at which each round's pairs are all trained (it trains one
+    stream of prompts; a round ends where its cumulative pairs fill a batch)."""
+    ends, total = [], 0
+    for n in budget:
+        total += n
+        ends.append(math.ceil(total / batch_size))
+    return ends
 
 
 def gain_per_minute(before: float, after: float, wall_s: float) -> float:
@@ -431,11 +454,12 @@ def run_script(ctx: dict[str, Any]) -> dict[str, Any]:
     ev = evaluate(served, ctx["heldout"], cfg.eval_samples, cfg)
     eval_s += ev["seconds"]
     points.append((time.monotonic() - t0, ev["reward"]))
+    budget = ctx["budget"]
     for r in range(cfg.rounds):
         t_round = time.monotonic()
         rows: list[dict[str, Any]] = []
         sampled = 0
-        want = cfg.prompts_per_round
+        want = budget[r]
         while len(rows) < want and sampled < len(train):
             batch = max(4, want - len(rows)) if rows or sampled else want
             prompts = [train[(cursor + i) % len(train)] for i in range(batch)]
@@ -527,9 +551,8 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
     served: Served = ctx["served"]
     base = ctx["stack"].model_path
     work = ctx["tmp"] / f"online-r{ctx['repeat']}"
-    prompts = [
-        ctx["train"][i % len(ctx["train"])] for i in range(cfg.rounds * cfg.prompts_per_round)
-    ]
+    ends = round_ends(ctx["budget"], cfg.batch_size)
+    prompts = [ctx["train"][i % len(ctx["train"])] for i in range(sum(ctx["budget"]))]
     by_text = {p.messages[-1].content: p for p in prompts}
     tokenizer = AutoTokenizer.from_pretrained(base)
     eos_ids = {tokenizer.eos_token_id}
@@ -549,7 +572,6 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
         return out
 
     dataset = Dataset.from_list([{"prompt": messages_of(p)} for p in prompts])
-    steps_per_round = math.ceil(cfg.prompts_per_round / cfg.batch_size)
     points: list[tuple[float, float]] = []
     timings: list[dict[str, float]] = []
     clock: dict[str, Any] = {"eval_s": 0.0}
@@ -570,10 +592,10 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
 
     class EveryRound(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step % steps_per_round == 0 or state.global_step == state.max_steps:
-                version = math.ceil(state.global_step / steps_per_round)
+            if state.global_step in ends or state.global_step == state.max_steps:
+                version = 1 + sum(end < state.global_step for end in ends)
                 if version > len(points) - 1:
-                    checkpoint(model, version)
+                    checkpoint(model, min(version, len(ends)))
             return control
 
     config = OnlineDPOConfig(
@@ -753,7 +775,8 @@ def run(args: Any) -> dict[str, Any]:
     from onpolicy.stack import StackSettings
 
     rounds = getattr(args, "rounds", None) or DEFAULT_ROUNDS
-    ppr = getattr(args, "prompts_per_round", None) or DEFAULT_PROMPTS_PER_ROUND
+    # The demo's pairs per round (40) unless the command line names a number.
+    ppr = getattr(args, "prompts_per_round", None) or DEMO_DEFAULTS["prompts_per_round"]
     repeats = getattr(args, "repeats", None) or DEFAULT_REPEATS
     eval_size = getattr(args, "eval_size", None) or 48
     only = getattr(args, "systems", None) or list(SYSTEMS)
@@ -796,9 +819,11 @@ def run(args: Any) -> dict[str, Any]:
                 served.restore_base()
                 before = evaluate(served, heldout, cfg.final_samples, cfg)
                 one: dict[str, Any] = {"repeat": rep, "eval_base": before}
-                order = [SYSTEMS[(i + rep) % len(SYSTEMS)] for i in range(len(SYSTEMS))]
+                peers = SYSTEMS[1:]
+                order = ["onpolicy", *(peers[(i + rep) % len(peers)] for i in range(len(peers)))]
                 one["order"] = [n for n in order if n in only]
                 for name in one["order"]:
+                    ctx["budget"] = one["budget"] = pair_budget(cfg, one.get("onpolicy"))
                     print(f"[peers] repeat {rep}: {name}", flush=True)
                     load_before = os.getloadavg()[0]
                     try:

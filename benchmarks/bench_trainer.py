@@ -22,9 +22,12 @@ pairs (``--pairs``, default 512) so that steps, not start-up, dominate; the resu
 FSDP mode (CPU: 2 processes, gloo): the service with ``distributed=fsdp`` and
 ``train_processes=2`` (torchrun, FSDP2 full shard through accelerate) against a plain TRL
 DPOTrainer script run by torchrun with 2 processes under the same accelerate FSDP config, on
-the same pairs; both timed from start to the saved adapter (the service: pairs produced to
-the PolicyUpdate), one after the other, alternating who goes first (2 passes; each side uses
-both cores). ``fsdp_ratio`` = mean service pairs/s / mean plain pairs/s (goal >= 0.95).
+the same pairs; both timed from start to the merged weights a vLLM without LoRA serves (the
+service: pairs produced to the PolicyUpdate of its merged hand-off; the plain script: the
+saved adapter merged with PEFT, as bench peers' one-process recipe does), one after the
+other, alternating who goes first (``FSDP_PASSES`` passes; each side uses both cores). The
+first runs timed the plain side to its adapter only: 0.936 (the merge, ~3 s of a 40 s round,
+was the service's alone). ``fsdp_ratio`` = mean service pairs/s / mean plain pairs/s (goal >= 0.95).
 ``ONPOLICY_BENCH_TRAINER_MODES`` picks the modes (``lora,fsdp``, the default: both); a run of
 one mode keeps the other's figures from the results file.
 """
@@ -45,6 +48,9 @@ PAIRS_FULL = 16
 PAIRS_QUICK = 8
 PAIRS_GPU = 512
 PAIRS_FSDP = 8
+# Passes of each side in FSDP mode: one after the other, a pass's speed moved 10-20% with the
+# machine's phases in the first runs (2 passes), more than the gap measured.
+FSDP_PASSES = 4
 RESULTS = Path(__file__).parent / "results" / "trainer.json"
 
 
@@ -338,11 +344,26 @@ def plain_trl_fsdp(settings: Any, rows: list[dict[str, Any]], out: Path) -> floa
             ],
             check=True,
         )
+        adapter = out / "adapter_model.safetensors"
+        if not adapter.exists() or adapter.stat().st_size < 1024:
+            raise RuntimeError("the plain FSDP baseline saved no adapter weights")
+        plain_merge(settings.model, out, out / "merged")
         seconds = time.monotonic() - started
-    adapter = out / "adapter_model.safetensors"
-    if not adapter.exists() or adapter.stat().st_size < 1024:
-        raise RuntimeError("the plain FSDP baseline saved no adapter weights")
     return seconds
+
+
+def plain_merge(base_model: str, adapter: Path, folder: Path) -> None:
+    """What a plain script does to serve its adapter with a vLLM without LoRA (as the
+    service's merged hand-off does, and bench peers' one-process recipe): PEFT's merge into
+    float32 base weights, saved in the base's dtype."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().to(torch.bfloat16)
+    merged.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_model).save_pretrained(folder)
 
 
 def run_fsdp(bootstrap: str, model: Path, tmp_path: Path, n: int) -> dict[str, Any]:
@@ -373,7 +394,7 @@ def run_fsdp(bootstrap: str, model: Path, tmp_path: Path, n: int) -> dict[str, A
     plain_rates: list[float] = []
     service_rates: list[float] = []
     round_metrics: dict[str, float] = {}
-    for i in range(2):
+    for i in range(FSDP_PASSES):
         settings = settings_for(f"p{i}")
         out = tmp_path / f"plain-fsdp-{i}"
         if i % 2 == 0:
@@ -403,8 +424,10 @@ def run_fsdp(bootstrap: str, model: Path, tmp_path: Path, n: int) -> dict[str, A
         "fsdp_setup": (
             f"SmolLM2-135M-Instruct, LoRA r=8, {n} pairs, 2 processes (torchrun, gloo), FSDP2 "
             "full shard through accelerate (its FSDP path switched on for CPU ranks, both "
-            "sides), activation checkpointing, batch 2 per rank, max_length 160, fp32, one "
-            f"after the other alternating, 2 passes, load avg {os.getloadavg()[0]:.1f}"
+            "sides), activation checkpointing, batch 2 per rank, max_length 160, fp32; both "
+            "sides end with the merged weights a vLLM without LoRA serves (the service's "
+            "hand-off; the plain script merges with PEFT); one after the other alternating, "
+            f"{FSDP_PASSES} passes, load avg {os.getloadavg()[0]:.1f}"
         ),
         "fsdp_summary": (
             f"trainer FSDP (2 CPU processes): service {service_pps:.3f} pairs/s vs plain TRL "

@@ -6,7 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.bench_peers import SYSTEMS, Group, aggregate, best_worst, gain_per_minute, ratio
+from benchmarks.bench_peers import (
+    SYSTEMS,
+    Config,
+    Group,
+    aggregate,
+    best_worst,
+    gain_per_minute,
+    pair_budget,
+    ratio,
+    round_ends,
+)
 from onpolicy import messages as m
 from onpolicy_judge.pairs import build_pairs
 from onpolicy_judge.settings import PairSettings
@@ -97,3 +107,41 @@ def test_a_failed_system_leaves_the_ratio_empty() -> None:
 
 def statistics_mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def _cfg(rounds: int = 3, ppr: int = 24) -> Config:
+    return Config(
+        rounds=rounds,
+        prompts_per_round=ppr,
+        num_samples=4,
+        max_tokens=64,
+        temperature=1.0,
+        eval_temperature=0.7,
+        eval_samples=4,
+        final_samples=4,
+        eval_size=48,
+        learning_rate=3e-3,
+        loss_types=["sigmoid", "sft"],
+        beta=0.1,
+        batch_size=2,
+        max_length=256,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj"],
+    )
+
+
+def test_the_peers_train_as_many_pairs_per_round_as_onpolicy_did() -> None:
+    cfg = _cfg()
+    assert pair_budget(cfg, {"pairs_per_round": [25, 36, 35]}) == [25, 36, 35]
+    # Without a whole onpolicy run in this repeat: the planned size.
+    for onpolicy in (None, {"error": "boom"}, {"pairs_per_round": [25, 36]}):
+        assert pair_budget(cfg, onpolicy) == [24, 24, 24]
+    assert pair_budget(cfg, {"pairs_per_round": [25, 0, 35]}) == [24, 24, 24]
+
+
+def test_online_dpo_rounds_end_where_their_pairs_fill_a_batch() -> None:
+    assert round_ends([25, 36, 35], 2) == [13, 31, 48]
+    assert round_ends([24, 24, 24], 2) == [12, 24, 36]
+    assert round_ends([4], 4) == [1]

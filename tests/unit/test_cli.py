@@ -75,6 +75,12 @@ def test_demo_runs_the_instructions_task_and_run_keeps_concise(tmp_path):
     assert s.eval_samples == 4 and plain.eval_samples == 2
     config.write_text("run:\n  prompt_epochs: false\n")
     assert not run_settings([], config, command="demo").prompt_epochs
+    # The demo's measured recipe: 40 pairs a round at lr 2e-3; `run` keeps 24 at 3e-3.
+    assert s.prompts_per_round == 40 and plain.prompts_per_round == 24
+    assert s.trainer["learning_rate"] == 2e-3 and plain.trainer["learning_rate"] == 3e-3
+    assert run_settings(["--prompts-per-round", "8"], command="demo").prompts_per_round == 8
+    config.write_text("run:\n  trainer: {learning_rate: 1.0e-3}\n")
+    assert run_settings([], config, command="demo").trainer == {"learning_rate": 1e-3}
 
 
 def test_judge_flag_takes_function_specs():
