@@ -61,6 +61,7 @@ DEFAULT_REPEATS = 1
 # Samples per held-out prompt for eval_before / eval_after: the demo's eval_samples (4); so
 # the last per-version evaluation of the script and of OnlineDPO is their eval_after.
 LABEL = "bench-peers"
+EXAMPLES = 4  # answers kept per evaluation
 
 
 # ---------------------------------------------------------------------------- pure parts
@@ -277,6 +278,12 @@ def evaluate(served: Served, prompts: Sequence[Any], samples: int, cfg: Config) 
         "finished": finished,
         "samples": samples,
         "seconds": time.monotonic() - started,
+        # The first answer to the first few prompts, so a score can be read against its text
+        # (OnlineDPO's policies scored 0 on answers that mostly ended: which gate failed?).
+        "examples": [
+            {"prompt": p.messages[-1].content, "answer": g.texts[0][:300], "score": g.scores[0]}
+            for p, g in zip(prompts[:EXAMPLES], groups, strict=False)
+        ],
     }
 
 
@@ -642,6 +649,14 @@ def run_online_dpo(ctx: dict[str, Any]) -> dict[str, Any]:
         "tied_pairs": ties,
         "samples_per_prompt": 2,
         "train_reward_mean": statistics.fmean(judged) if judged else None,
+        # Its own samples' scores (temperature 1.0, transformers) round by round: 2 answers to
+        # each of a step's batch_size prompts.
+        "train_reward_per_round": [
+            statistics.fmean(chunk)
+            if (chunk := judged[2 * cfg.batch_size * a : 2 * cfg.batch_size * b])
+            else None
+            for a, b in zip([0, *ends[:-1]], ends, strict=True)
+        ],
         "curve": points,
         "curve_source": "evaluate() per version (eval_samples)",
         "eval_final": final,
