@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, help="peers: runs of each system (default 1)")
     parser.add_argument("--eval-size", type=int, help="peers: held-out prompts (default 48)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="peers: keep the finished repeats of a cut-off run (results/peers-partial.json) "
+        "and run only the rest up to --repeats",
+    )
     args = parser.parse_args(argv)
     names = args.names or available()
     unknown = set(names) - set(available())

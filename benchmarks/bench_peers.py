@@ -777,10 +777,33 @@ def peers_stack(base: Any, stack_settings: Any) -> Iterator[Any]:
                 broker.stop()
 
 
-def save_partial(runs: list[dict[str, Any]]) -> None:
-    """What ran so far, in case the run is cut short."""
+PARTIAL = RESULTS / "peers-partial.json"
+
+
+def save_partial(size: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """What ran so far, in case the run is cut short (``--resume`` goes on from it)."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peers-partial.json").write_text(json.dumps(aggregate({}, runs), indent=2) + "\n")
+    PARTIAL.write_text(json.dumps(aggregate(size, runs), indent=2) + "\n")
+
+
+def resumed_runs(partial: dict[str, Any], size: dict[str, Any], only: list[str]) -> list[dict]:
+    """The repeats of a cut-off run that finished every system this run asks for.
+
+    A repeat takes about 25 minutes on 2 cores, so a run cut short keeps what it finished; the
+    repeat cut in the middle is run again. Refuses a partial run of another size (other rounds,
+    pairs or held-out set): its figures would not compare.
+    """
+    theirs = partial.get("size") or {}
+    clash = {k: (theirs[k], v) for k, v in size.items() if k in theirs and theirs[k] != v}
+    if clash:
+        raise ValueError(f"{PARTIAL} is from a run of another size (theirs, ours): {clash}")
+    done = []
+    for r in partial.get("repeats", []):
+        if all(r.get(n, {}).get("eval_after") is not None for n in only):
+            done.append(r)
+        else:
+            break  # repeats are numbered in order: go on from the first unfinished one
+    return done
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -814,7 +837,22 @@ def run(args: Any) -> dict[str, Any]:
     stack_settings.state_dir = stack_settings.home / "bench-peers-stack"
     train = load_prompts(base.prompts).prompts
     heldout = load_prompts(base.eval_prompts).prompts[:eval_size]
+    size = {
+        "rounds": rounds,
+        "prompts_per_round": ppr,
+        "eval_size": eval_size,
+        "eval_samples": cfg.eval_samples,
+        "final_samples": final_samples,
+        "num_samples": cfg.num_samples,
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "eval_temperature": cfg.eval_temperature,
+    }
     runs: list[dict[str, Any]] = []
+    if getattr(args, "resume", False) and PARTIAL.exists():
+        runs = resumed_runs(json.loads(PARTIAL.read_text()), size, only)
+        print(f"[peers] resuming: {len(runs)} finished repeat(s) from {PARTIAL}", flush=True)
+    resumed = len(runs)
     started = time.monotonic()
     try:
         with peers_stack(base, stack_settings) as stack:
@@ -829,7 +867,7 @@ def run(args: Any) -> dict[str, Any]:
                 "train": train,
                 "heldout": heldout,
             }
-            for rep in range(repeats):
+            for rep in range(len(runs), repeats):
                 ctx["repeat"] = rep
                 served.restore_base()
                 before = evaluate(served, heldout, cfg.final_samples, cfg)
@@ -860,28 +898,17 @@ def run(args: Any) -> dict[str, Any]:
                         res["eval_before"], res["eval_after"], res["wall_s"]
                     )
                     one[name] = res
-                    save_partial([*runs, one])
+                    save_partial(size, [*runs, one])
                     print(
                         f"[peers] {name}: {res['wall_s']:.0f}s, {res['pairs']} pairs, "
                         f"{res['eval_before']:.3f} -> {res['eval_after']:.3f}",
                         flush=True,
                     )
                 runs.append(one)
-                save_partial(runs)
+                save_partial(size, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = {
-        "rounds": rounds,
-        "prompts_per_round": ppr,
-        "repeats": repeats,
-        "eval_size": eval_size,
-        "eval_samples": cfg.eval_samples,
-        "final_samples": final_samples,
-        "num_samples": cfg.num_samples,
-        "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
-        "eval_temperature": cfg.eval_temperature,
-    }
+    size["repeats"] = len(runs)
     result = aggregate(size, runs)
     result["hyper_parameters"] = {
         k: getattr(cfg, k)
@@ -909,6 +936,7 @@ def run(args: Any) -> dict[str, Any]:
         "met, 0 when cut off; eval_before/eval_after from evaluate() with final_samples"
     )
     result["wall_s"] = time.monotonic() - started
+    result["resumed_repeats"] = resumed  # taken from a cut-off run's peers-partial.json
     for name in SYSTEMS:  # the issue's flat fields, per system
         x = result["systems"].get(name, {})
         result[name] = {k: x.get(k) for k in ("wall_s", "pairs", "eval_before", "eval_after")}

@@ -15,6 +15,7 @@ from benchmarks.bench_peers import (
     gain_per_minute,
     pair_budget,
     ratio,
+    resumed_runs,
     round_ends,
 )
 from onpolicy import messages as m
@@ -145,3 +146,26 @@ def test_online_dpo_rounds_end_where_their_pairs_fill_a_batch() -> None:
     assert round_ends([25, 36, 35], 2) == [13, 31, 48]
     assert round_ends([24, 24, 24], 2) == [12, 24, 36]
     assert round_ends([4], 4) == [1]
+
+
+def _done(rep: int) -> dict:
+    return {"repeat": rep} | {n: {"eval_after": 0.3, "wall_s": 100.0} for n in SYSTEMS}
+
+
+def test_resume_keeps_finished_repeats_and_reruns_the_one_cut_in_the_middle() -> None:
+    cut = _done(2)
+    del cut["online_dpo"]
+    partial = {"size": {"rounds": 3, "prompts_per_round": 40}, "repeats": [_done(0), _done(1), cut]}
+    kept = resumed_runs(partial, {"rounds": 3, "prompts_per_round": 40}, list(SYSTEMS))
+    assert [r["repeat"] for r in kept] == [0, 1]
+    # A failed system is not finished either.
+    failed = _done(0) | {"script": {"error": "boom"}}
+    assert resumed_runs({"repeats": [failed, _done(1)]}, {}, list(SYSTEMS)) == []
+    # Only the systems this run asks for count.
+    assert resumed_runs({"repeats": [cut]}, {}, ["onpolicy", "script"]) == [cut]
+
+
+def test_resume_refuses_a_partial_run_of_another_size() -> None:
+    partial = {"size": {"rounds": 2, "prompts_per_round": 40}, "repeats": [_done(0)]}
+    with pytest.raises(ValueError, match="rounds"):
+        resumed_runs(partial, {"rounds": 3, "prompts_per_round": 40}, list(SYSTEMS))
