@@ -137,11 +137,16 @@ def _spread(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+def finished(repeat: dict[str, Any], name: str) -> bool:
+    """Whether ``name`` ran to its final evaluation in this repeat (not failed, not cut off)."""
+    return (repeat.get(name) or {}).get("eval_after") is not None
+
+
 def aggregate(size: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per system the means over repeats (and their spread); the two ratios of the issue."""
     out: dict[str, Any] = {"size": size, "systems": {}, "repeats": runs}
     for name in SYSTEMS:
-        mine = [r[name] for r in runs if r.get(name) and r[name].get("eval_after") is not None]
+        mine = [r[name] for r in runs if finished(r, name)]
         if not mine:
             out["systems"][name] = {"error": [r.get(name, {}).get("error") for r in runs]}
             continue
@@ -786,7 +791,9 @@ def save_partial(size: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     PARTIAL.write_text(json.dumps(aggregate(size, runs), indent=2) + "\n")
 
 
-def resumed_runs(partial: dict[str, Any], size: dict[str, Any], only: list[str]) -> list[dict]:
+def resumed_runs(
+    partial: dict[str, Any], size: dict[str, Any], only: list[str]
+) -> list[dict[str, Any]]:
     """The repeats of a cut-off run that finished every system this run asks for.
 
     A repeat takes about 25 minutes on 2 cores, so a run cut short keeps what it finished; the
@@ -799,7 +806,7 @@ def resumed_runs(partial: dict[str, Any], size: dict[str, Any], only: list[str])
         raise ValueError(f"{PARTIAL} is from a run of another size (theirs, ours): {clash}")
     done = []
     for r in partial.get("repeats", []):
-        if all(r.get(n, {}).get("eval_after") is not None for n in only):
+        if all(finished(r, n) for n in only):
             done.append(r)
         else:
             break  # repeats are numbered in order: go on from the first unfinished one
